@@ -1,0 +1,1 @@
+//! Testbed and benchmarks for spegel: real containerd, real registry, network namespaces.

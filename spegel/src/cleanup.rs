@@ -1,0 +1,1 @@
+//! `cleanup` and `cleanup-wait`: restore containerd's mirror configuration on uninstall.

@@ -1,0 +1,1 @@
+//! `configuration`: writes containerd `hosts.toml` mirror configuration.

@@ -1,0 +1,10 @@
+//! Spegel: a stateless, cluster-local, peer-to-peer OCI registry mirror.
+
+pub mod cleanup;
+pub mod config;
+pub mod host_config;
+pub mod metrics;
+pub mod oci;
+pub mod registry;
+pub mod routing;
+pub mod store;

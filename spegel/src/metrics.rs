@@ -1,0 +1,1 @@
+//! Prometheus metrics, with the original's names and labels.

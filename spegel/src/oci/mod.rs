@@ -1,0 +1,26 @@
+//! OCI distribution types: digests, references, request paths, byte ranges, error bodies.
+
+mod digest;
+mod error;
+mod media_type;
+mod range;
+mod reference;
+
+pub use digest::{Algorithm, Digest, DigestError};
+pub use error::{ErrorCode, OciError};
+pub use media_type::{MANIFEST_MEDIA_TYPES, fingerprint_media_type, is_manifest_media_type};
+pub use range::{ByteRange, ContentRange, RangeError};
+pub use reference::{DistributionPath, Kind, PathError, Reference, ReferenceError};
+
+/// Media type served when nothing better is known.
+pub const OCTET_STREAM: &str = "application/octet-stream";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Docker manifest list.
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker image manifest.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// OCI image config.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";

@@ -1,0 +1,1 @@
+//! Content routing: who in the cluster can serve a digest or tag.
