@@ -268,6 +268,21 @@ pub fn parse_listen_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|e| format!("invalid listen address {addr:?}: {e}"))
 }
 
+/// Binds a Go-style listen address; `:port` listens on every interface, IPv6 and IPv4 where
+/// the node has IPv6, IPv4 only where it does not.
+pub async fn bind_listen_addr(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let parsed = parse_listen_addr(addr)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    match tokio::net::TcpListener::bind(parsed).await {
+        Ok(l) => Ok(l),
+        Err(e) if parsed.ip() == std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
+            tracing::debug!(error = %e, "IPv6 listen failed, using IPv4");
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, parsed.port())).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,11 @@
 //! Spegel: a stateless, cluster-local, peer-to-peer OCI registry mirror.
 
+pub mod auth;
 pub mod cleanup;
 pub mod config;
 pub mod host_config;
 pub mod metrics;
+pub mod mirror;
 pub mod oci;
 pub mod registry;
 pub mod routing;

@@ -1,4 +1,31 @@
-//! [`Store`](super::Store) backed by containerd's gRPC API and content directory.
+//! [`Store`] backed by containerd's gRPC API, with blob files read from its content directory.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use async_trait::async_trait;
+use containerd_client::services::v1::{
+    GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
+    PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
+    events_client::EventsClient, images_client::ImagesClient,
+    introspection_client::IntrospectionClient,
+};
+use futures::{StreamExt, stream::BoxStream};
+use prost::Message;
+use tonic::{Code, Request, Status, transport::Channel};
+use tracing::{debug, info, warn};
+
+use super::{Content, Descriptor, Image, ImageEvent, Store, StoreError};
+use crate::oci::{ContentRange, Digest, OCTET_STREAM, Reference, fingerprint_media_type};
+
+/// Content larger than this is never read to guess its media type.
+const FINGERPRINT_LIMIT: u64 = 4 << 20;
+/// Bound on remembered media types; cleared wholesale when reached (cheap and rare).
+const MEDIA_TYPE_CACHE_LIMIT: usize = 200_000;
 
 /// Connection settings for [`ContainerdStore`].
 #[derive(Debug, Clone)]
@@ -11,5 +38,330 @@ pub struct ContainerdStoreConfig {
     pub content_path: String,
 }
 
-/// containerd-backed store.
-pub struct ContainerdStore;
+/// containerd-backed store. Blob bodies come from `<content root>/blobs/<alg>/<hex>` so they can
+/// be sent with `sendfile(2)`; when that directory is unusable, from the content API.
+pub struct ContainerdStore {
+    channel: Channel,
+    namespace: String,
+    content_root: Option<PathBuf>,
+    media_types: Mutex<HashMap<Digest, String>>,
+}
+
+fn status_to_error(what: &str, status: Status) -> StoreError {
+    match status.code() {
+        Code::NotFound => StoreError::NotFound(what.to_string()),
+        _ => StoreError::Backend(format!("{what}: {}", status.message())),
+    }
+}
+
+impl ContainerdStore {
+    /// Connects (lazily: containerd may start after us) and resolves the content directory.
+    pub async fn connect(config: ContainerdStoreConfig) -> Result<Self, StoreError> {
+        let socket = PathBuf::from(&config.socket);
+        let channel = tonic::transport::Endpoint::try_from("http://[::]")
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .connect_with_connector_lazy(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }));
+        let mut store = ContainerdStore {
+            channel,
+            namespace: config.namespace,
+            content_root: None,
+            media_types: Mutex::default(),
+        };
+        store.content_root = store.resolve_content_root(&config.content_path).await;
+        match &store.content_root {
+            Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
+            None => warn!(
+                "content directory not usable, serving blobs through the containerd content API"
+            ),
+        }
+        Ok(store)
+    }
+
+    async fn resolve_content_root(&self, configured: &str) -> Option<PathBuf> {
+        let candidate = if configured.is_empty() {
+            let mut client = IntrospectionClient::new(self.channel.clone());
+            let req = PluginsRequest {
+                filters: vec!["type==io.containerd.content.v1,id==content".to_string()],
+            };
+            match client.plugins(req).await {
+                Ok(resp) => resp.into_inner().plugins.into_iter().find_map(|p| p.exports.get("root").cloned()),
+                Err(e) => {
+                    warn!(error = %e.message(), "could not ask containerd for its content directory");
+                    None
+                }
+            }
+            .map(PathBuf::from)?
+        } else {
+            PathBuf::from(configured)
+        };
+        match std::fs::metadata(candidate.join("blobs")) {
+            Ok(m) if m.is_dir() => Some(candidate),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(path = %candidate.display(), error = %e, "content directory not readable");
+                None
+            }
+        }
+    }
+
+    /// The content directory blobs are read from, if usable.
+    pub fn content_root(&self) -> Option<&Path> {
+        self.content_root.as_deref()
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        if let Ok(value) = self.namespace.parse() {
+            req.metadata_mut().insert("containerd-namespace", value);
+        }
+        req
+    }
+
+    fn cached_media_type(&self, digest: &Digest) -> Option<String> {
+        self.media_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    fn remember_media_type(&self, digest: &Digest, media_type: &str) {
+        let mut cache = self.media_types.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MEDIA_TYPE_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(digest.clone(), media_type.to_string());
+    }
+
+    fn blob_path(&self, root: &Path, digest: &Digest) -> PathBuf {
+        // Safe: Digest guarantees the algorithm name and lowercase hex of exact length.
+        root.join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    /// Opens the blob file without following links, and only if it is a regular file.
+    fn open_file(&self, root: &Path, digest: &Digest) -> Result<Option<std::fs::File>, StoreError> {
+        let path = self.blob_path(root, digest);
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(digest.to_string()));
+            }
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "cannot open blob file, using the content API");
+                return Ok(None);
+            }
+        };
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(StoreError::Invalid(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        Ok(Some(file))
+    }
+
+    async fn read_stream(
+        &self,
+        digest: &Digest,
+        range: Option<ContentRange>,
+    ) -> Result<BoxStream<'static, std::io::Result<bytes::Bytes>>, StoreError> {
+        let (offset, size) = range
+            .map(|r| (r.start as i64, r.len() as i64))
+            .unwrap_or((0, 0));
+        let mut client = ContentClient::new(self.channel.clone());
+        let req = self.request(ReadContentRequest {
+            digest: digest.to_string(),
+            offset,
+            size,
+        });
+        let stream = client
+            .read(req)
+            .await
+            .map_err(|s| status_to_error(&digest.to_string(), s))?
+            .into_inner();
+        Ok(Box::pin(stream.map(|item| {
+            item.map(|r| bytes::Bytes::from(r.data))
+                .map_err(|s| std::io::Error::other(s.message().to_string()))
+        })))
+    }
+
+    async fn media_type_for(&self, digest: &Digest, size: u64) -> Result<String, StoreError> {
+        if let Some(mt) = self.cached_media_type(digest) {
+            return Ok(mt);
+        }
+        let mt = if size > FINGERPRINT_LIMIT {
+            OCTET_STREAM.to_string()
+        } else {
+            let data = super::read_all(self, digest).await?;
+            fingerprint_media_type(&data).to_string()
+        };
+        self.remember_media_type(digest, &mt);
+        Ok(mt)
+    }
+}
+
+#[async_trait]
+impl Store for ContainerdStore {
+    fn name(&self) -> &str {
+        "containerd"
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>, StoreError> {
+        let mut client = ImagesClient::new(self.channel.clone());
+        let resp = client
+            .list(self.request(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status_to_error("images", s))?;
+        let mut images = Vec::new();
+        for image in resp.into_inner().images {
+            let Some(target) = image.target else { continue };
+            let reference = match Reference::parse_image_name(&image.name) {
+                Ok(r) => r,
+                Err(crate::oci::ReferenceError::ImageId(_)) => continue,
+                Err(e) => {
+                    warn!(image = %image.name, error = %e, "skipping image with unparsable name");
+                    continue;
+                }
+            };
+            let digest = match target.digest.parse::<Digest>() {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(image = %image.name, error = %e, "skipping image with invalid target digest");
+                    continue;
+                }
+            };
+            if crate::oci::is_manifest_media_type(&target.media_type) {
+                self.remember_media_type(&digest, &target.media_type);
+            }
+            images.push(Image {
+                name: image.name,
+                reference,
+                digest,
+            });
+        }
+        Ok(images)
+    }
+
+    async fn resolve(&self, name: &str) -> Result<Digest, StoreError> {
+        let mut client = ImagesClient::new(self.channel.clone());
+        let resp = client
+            .get(self.request(GetImageRequest {
+                name: name.to_string(),
+            }))
+            .await
+            .map_err(|s| status_to_error(name, s))?;
+        let target = resp
+            .into_inner()
+            .image
+            .and_then(|i| i.target)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let digest: Digest = target.digest.parse().map_err(|e| {
+            StoreError::Invalid(format!("image {name} has an invalid target digest: {e}"))
+        })?;
+        if crate::oci::is_manifest_media_type(&target.media_type) {
+            self.remember_media_type(&digest, &target.media_type);
+        }
+        Ok(digest)
+    }
+
+    async fn descriptor(&self, digest: &Digest) -> Result<Descriptor, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let resp = client
+            .info(self.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+            .map_err(|s| status_to_error(&digest.to_string(), s))?;
+        let info = resp
+            .into_inner()
+            .info
+            .ok_or_else(|| StoreError::NotFound(digest.to_string()))?;
+        let size = u64::try_from(info.size).map_err(|_| {
+            StoreError::Invalid(format!("{digest} has negative size {}", info.size))
+        })?;
+        let media_type = self.media_type_for(digest, size).await?;
+        Ok(Descriptor {
+            digest: digest.clone(),
+            media_type,
+            size,
+        })
+    }
+
+    async fn open(
+        &self,
+        digest: &Digest,
+        range: Option<ContentRange>,
+    ) -> Result<Content, StoreError> {
+        if let Some(root) = &self.content_root {
+            if let Some(file) = self.open_file(root, digest)? {
+                return Ok(Content::File(file));
+            }
+        }
+        Ok(Content::Stream(self.read_stream(digest, range).await?))
+    }
+
+    async fn walk(&self, digest: &Digest) -> Result<Vec<Descriptor>, StoreError> {
+        let descriptors = super::walk_store(self, digest).await?;
+        for d in &descriptors {
+            self.remember_media_type(&d.digest, &d.media_type);
+        }
+        Ok(descriptors)
+    }
+
+    async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError> {
+        let mut client = EventsClient::new(self.channel.clone());
+        let req = SubscribeRequest {
+            filters: vec![r#"topic~="/images/""#.to_string()],
+        };
+        let stream = client
+            .subscribe(req)
+            .await
+            .map_err(|s| status_to_error("events", s))?
+            .into_inner();
+        let namespace = self.namespace.clone();
+        Ok(Box::pin(
+            stream
+                .take_while(|item| {
+                    if let Err(e) = item {
+                        warn!(error = %e.message(), "containerd event stream failed");
+                    }
+                    std::future::ready(item.is_ok())
+                })
+                .filter_map(move |item| {
+                    let event =
+                        item.ok()
+                            .filter(|env| env.namespace == namespace)
+                            .and_then(|env| {
+                                let any = env.event?;
+                                match env.topic.as_str() {
+                                    "/images/create" => ImageCreate::decode(any.value.as_slice())
+                                        .ok()
+                                        .map(|e| ImageEvent::Created(e.name)),
+                                    "/images/update" => ImageUpdate::decode(any.value.as_slice())
+                                        .ok()
+                                        .map(|e| ImageEvent::Updated(e.name)),
+                                    "/images/delete" => ImageDelete::decode(any.value.as_slice())
+                                        .ok()
+                                        .map(|e| ImageEvent::Deleted(e.name)),
+                                    _ => None,
+                                }
+                            });
+                    std::future::ready(event)
+                }),
+        ))
+    }
+}

@@ -194,22 +194,33 @@ pub(crate) async fn walk_store<S: Store + ?Sized>(
 ) -> Result<Vec<Descriptor>, StoreError> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![root.clone()];
-    while let Some(digest) = stack.pop() {
+    // Media types declared by the parent manifest beat fingerprinting (e.g. layer types).
+    let mut stack: Vec<(Digest, Option<String>)> = vec![(root.clone(), None)];
+    while let Some((digest, declared)) = stack.pop() {
         if !seen.insert(digest.clone()) {
             continue;
         }
-        let desc = match store.descriptor(&digest).await {
+        let mut desc = match store.descriptor(&digest).await {
             Ok(d) => d,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         };
+        if let Some(mt) =
+            declared.filter(|mt| !mt.is_empty() && mt.as_str() != crate::oci::OCTET_STREAM)
+        {
+            desc.media_type = mt;
+        }
         let is_manifest = crate::oci::is_manifest_media_type(&desc.media_type);
         out.push(desc.clone());
         if is_manifest && desc.size <= MAX_MANIFEST_SIZE {
             let data = read_all(store, &digest).await?;
             // Reverse so the stack visits children in document order.
-            stack.extend(manifest_children(&data).into_iter().rev().map(|d| d.digest));
+            stack.extend(
+                manifest_children(&data)
+                    .into_iter()
+                    .rev()
+                    .map(|d| (d.digest, Some(d.media_type))),
+            );
         }
     }
     Ok(out)
