@@ -1,5 +1,6 @@
 //! Spegel: a stateless, cluster-local, peer-to-peer OCI registry mirror.
 
+pub mod advertise;
 pub mod auth;
 pub mod cleanup;
 pub mod config;
