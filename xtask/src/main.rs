@@ -1,1 +1,97 @@
-fn main() {}
+//! Project tasks: `cargo xtask deps|test|demo|bench|image`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+mod deps;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "spegel project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the system and Python packages the tests, demo and benchmarks need.
+    Deps,
+    /// Run the whole test suite (what CI runs), installing what is missing first.
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the local demo cluster: pull through the mirror and print who served what.
+    Demo {
+        /// Arguments for the demo (see `cargo xtask demo -- --help`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark (`serve`, `pull`); see `cargo xtask bench -- --help`.
+    Bench {
+        /// Benchmark name and its arguments.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Deps => deps::install(),
+        Task::Test { args } => test(&root, &args),
+        Task::Demo { args } => {
+            deps::install()?;
+            run_bench_binary(&root, "demo", &args)
+        }
+        Task::Bench { args } => {
+            deps::install()?;
+            run_bench_binary(&root, "bench", &args)
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).context("xtask must live in the workspace")
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    deps::install()?;
+    deps::prepare_kernel();
+    // Build the daemon first: integration tests run it as a separate process, as users do.
+    run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel"]))?;
+    let mut rust = Command::new("cargo");
+    rust.args(["test", "--workspace", "--release"]).args(args).env("SPEGEL_BIN", root.join("target/release/spegel"));
+    let rust_result = run(&mut rust);
+    let chart_result = if root.join("charts/tests").is_dir() && args.is_empty() {
+        run(Command::new("python3").args(["-m", "pytest", "-q", "charts/tests"]).env("SPEGEL_BIN", root.join("target/release/spegel")))
+    } else {
+        Ok(())
+    };
+    rust_result.and(chart_result)
+}
+
+fn run_bench_binary(root: &Path, bin: &str, args: &[String]) -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel", "-p", "bench", "--bin", bin]))?;
+    run(Command::new(root.join("target/release").join(bin))
+        .args(args)
+        .env("SPEGEL_BIN", root.join("target/release/spegel")))
+}
