@@ -1,1 +1,8 @@
 //! Testbed and benchmarks for spegel: real containerd, real registry, network namespaces.
+
+pub mod containerd;
+pub mod daemon;
+pub mod http;
+pub mod images;
+pub mod process;
+pub mod registry;

@@ -41,8 +41,20 @@ pub struct Advertiser {
 
 impl Advertiser {
     /// An advertiser with nothing advertised yet.
-    pub fn new(store: Arc<dyn Store>, router: Arc<dyn Router>, filters: Filters, resolve_tags: bool) -> Self {
-        Advertiser { store, router, filters, resolve_tags, images: HashMap::new(), refcounts: HashMap::new() }
+    pub fn new(
+        store: Arc<dyn Store>,
+        router: Arc<dyn Router>,
+        filters: Filters,
+        resolve_tags: bool,
+    ) -> Self {
+        Advertiser {
+            store,
+            router,
+            filters,
+            resolve_tags,
+            images: HashMap::new(),
+            refcounts: HashMap::new(),
+        }
     }
 
     /// Every key currently advertised.
@@ -85,7 +97,12 @@ impl Advertiser {
                 wanted.insert(image.name.clone(), keys);
             }
         }
-        let stale: Vec<String> = self.images.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
+        let stale: Vec<String> = self
+            .images
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
         for name in stale {
             self.remove(&name).await;
         }
@@ -93,7 +110,11 @@ impl Advertiser {
         for (name, keys) in wanted {
             self.set(name, keys).await;
         }
-        info!(images = total, keys = self.refcounts.len(), "advertised store content");
+        info!(
+            images = total,
+            keys = self.refcounts.len(),
+            "advertised store content"
+        );
         self.update_gauges();
         Ok(())
     }
@@ -111,7 +132,11 @@ impl Advertiser {
                     Err(e) if e.is_not_found() => return Ok(()),
                     Err(e) => return Err(e),
                 };
-                let image = Image { name: name.clone(), reference, digest };
+                let image = Image {
+                    name: name.clone(),
+                    reference,
+                    digest,
+                };
                 match self.keys_for(&image).await {
                     Some(keys) => self.set(name, keys).await,
                     None => self.remove(&name).await,
@@ -137,11 +162,18 @@ impl Advertiser {
         if descriptors.is_empty() {
             return None;
         }
-        let tag = if self.resolve_tags { image.reference.tag_name() } else { None };
+        let tag = if self.resolve_tags {
+            image.reference.tag_name()
+        } else {
+            None
+        };
         Some(ImageKeys {
             registry: image.reference.registry.clone(),
             tag,
-            digests: descriptors.into_iter().map(|d| d.digest.to_string()).collect(),
+            digests: descriptors
+                .into_iter()
+                .map(|d| d.digest.to_string())
+                .collect(),
         })
     }
 
@@ -209,19 +241,28 @@ impl Advertiser {
             if let Some(root) = keys.digests.first() {
                 images.entry(registry).or_default().insert(root);
             }
-            contents.entry(registry).or_default().extend(keys.digests.iter());
+            contents
+                .entry(registry)
+                .or_default()
+                .extend(keys.digests.iter());
         }
         m.advertised_image_tags.reset();
         m.advertised_image_digests.reset();
         m.advertised_content_digests.reset();
         for (registry, set) in tags {
-            m.advertised_image_tags.with_label_values(&[registry]).set(set.len() as f64);
+            m.advertised_image_tags
+                .with_label_values(&[registry])
+                .set(set.len() as f64);
         }
         for (registry, set) in images {
-            m.advertised_image_digests.with_label_values(&[registry]).set(set.len() as f64);
+            m.advertised_image_digests
+                .with_label_values(&[registry])
+                .set(set.len() as f64);
         }
         for (registry, set) in contents {
-            m.advertised_content_digests.with_label_values(&[registry]).set(set.len() as f64);
+            m.advertised_content_digests
+                .with_label_values(&[registry])
+                .set(set.len() as f64);
         }
     }
 }
@@ -263,14 +304,21 @@ mod tests {
             }
             Ok(())
         }
-        async fn lookup(&self, _: &str, _: usize) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError> {
+        async fn lookup(
+            &self,
+            _: &str,
+            _: usize,
+        ) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError> {
             Err(RoutingError::Stopped)
         }
     }
 
     fn image(store: &MemoryStore, layer: &[u8]) -> (crate::oci::Digest, Vec<String>) {
         let l = store.add_blob("application/vnd.oci.image.layer.v1.tar", layer.to_vec());
-        let c = store.add_blob(OCI_CONFIG, br#"{"architecture":"amd64","os":"linux","rootfs":{}}"#.to_vec());
+        let c = store.add_blob(
+            OCI_CONFIG,
+            br#"{"architecture":"amd64","os":"linux","rootfs":{}}"#.to_vec(),
+        );
         let m = store.add_blob(
             OCI_MANIFEST,
             format!(r#"{{"schemaVersion":2,"config":{{"digest":"{c}","size":1}},"layers":[{{"digest":"{l}","size":1}}]}}"#)
@@ -301,33 +349,52 @@ mod tests {
 
         // A second tag of the same content, created live: only the tag is new.
         store.add_image("docker.io/library/a:2", m1.clone());
-        adv.apply(ImageEvent::Created("docker.io/library/a:2".into())).await.unwrap();
-        assert!(router.keys.lock().unwrap().contains("docker.io/library/a:2"));
+        adv.apply(ImageEvent::Created("docker.io/library/a:2".into()))
+            .await
+            .unwrap();
+        assert!(
+            router
+                .keys
+                .lock()
+                .unwrap()
+                .contains("docker.io/library/a:2")
+        );
 
         // Deleting one tag keeps the shared digests.
         store.remove_image("docker.io/library/a:1");
-        adv.apply(ImageEvent::Deleted("docker.io/library/a:1".into())).await.unwrap();
+        adv.apply(ImageEvent::Deleted("docker.io/library/a:1".into()))
+            .await
+            .unwrap();
         let now = router.keys.lock().unwrap().clone();
         assert!(!now.contains("docker.io/library/a:1"));
         assert!(keys1.iter().all(|k| now.contains(k)));
 
         // Deleting the last name withdraws everything.
         store.remove_image("docker.io/library/a:2");
-        adv.apply(ImageEvent::Deleted("docker.io/library/a:2".into())).await.unwrap();
+        adv.apply(ImageEvent::Deleted("docker.io/library/a:2".into()))
+            .await
+            .unwrap();
         assert_eq!(*router.keys.lock().unwrap(), HashSet::new());
 
         // Update to new content swaps the digests.
         let (m2, keys2) = image(&store, b"layer two");
         store.add_image("ghcr.io/x/y:v", m1.clone());
-        adv.apply(ImageEvent::Created("ghcr.io/x/y:v".into())).await.unwrap();
+        adv.apply(ImageEvent::Created("ghcr.io/x/y:v".into()))
+            .await
+            .unwrap();
         store.add_image("ghcr.io/x/y:v", m2.clone());
-        adv.apply(ImageEvent::Updated("ghcr.io/x/y:v".into())).await.unwrap();
+        adv.apply(ImageEvent::Updated("ghcr.io/x/y:v".into()))
+            .await
+            .unwrap();
         let mut want: HashSet<String> = keys2.iter().cloned().collect();
         want.insert("ghcr.io/x/y:v".into());
         assert_eq!(*router.keys.lock().unwrap(), want);
 
         let text = String::from_utf8(metrics::global().encode()).unwrap();
-        assert!(text.contains(r#"spegel_advertised_content_digests{registry="ghcr.io"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"spegel_advertised_content_digests{registry="ghcr.io"} 3"#),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -32,5 +32,9 @@ pub trait Router: Send + Sync + 'static {
     /// Stops providing keys.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RoutingError>;
     /// Streams up to `count` providers of `key` (never self); closes when the lookup ends.
-    async fn lookup(&self, key: &str, count: usize) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError>;
+    async fn lookup(
+        &self,
+        key: &str,
+        count: usize,
+    ) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError>;
 }

@@ -1,0 +1,173 @@
+//! A real containerd with its own root, state and sockets.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::process::{Process, command_in, require, wait_for};
+
+/// The containerd namespace Kubernetes (and spegel's default) uses.
+pub const NAMESPACE: &str = "k8s.io";
+
+/// A running containerd; stopped on drop.
+pub struct Containerd {
+    dir: PathBuf,
+    netns: Option<String>,
+    process: Process,
+}
+
+/// Result of a `ctr images pull`.
+#[derive(Debug)]
+pub struct Pull {
+    /// Wall time of the pull.
+    pub duration: Duration,
+    /// ctr's combined output.
+    pub output: String,
+}
+
+impl Containerd {
+    /// Starts containerd under `dir` (created), optionally inside network namespace `netns`.
+    /// Its CRI registry `config_path` is `<dir>/certs.d`.
+    pub fn start(dir: &Path, netns: Option<&str>) -> anyhow::Result<Containerd> {
+        require("/usr/bin/containerd", "containerd")?;
+        require("/usr/bin/ctr", "containerd")?;
+        std::fs::create_dir_all(dir.join("certs.d"))?;
+        let dir = dir.canonicalize()?;
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    discard_unpacked_layers = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+"#,
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config)?;
+        let mut cmd = command_in(netns, "/usr/bin/containerd");
+        cmd.arg("-c").arg(dir.join("config.toml"));
+        let process = Process::spawn("containerd", cmd, &dir.join("containerd.log"))?;
+        let mut ctd = Containerd {
+            dir,
+            netns: netns.map(str::to_string),
+            process,
+        };
+        let sock = ctd.socket();
+        let res = wait_for("containerd to answer", Duration::from_secs(30), || {
+            sock.exists()
+                && Command::new("ctr")
+                    .arg("-a")
+                    .arg(&sock)
+                    .arg("version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
+        if let Err(e) = res {
+            let tail = ctd.process.log_tail();
+            ctd.process.stop();
+            bail!("{e}\ncontainerd log:\n{tail}");
+        }
+        Ok(ctd)
+    }
+
+    /// The gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// The content store root, as spegel's `--containerd-content-path` expects.
+    pub fn content_path(&self) -> PathBuf {
+        self.dir.join("root/io.containerd.content.v1.content")
+    }
+
+    /// The hosts.toml directory containerd reads (`config_path`).
+    pub fn certs_d(&self) -> PathBuf {
+        self.dir.join("certs.d")
+    }
+
+    /// The directory holding everything of this instance.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The network namespace it runs in, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// Runs `ctr` against this containerd (inside its namespace) and returns its output.
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = command_in(self.netns.as_deref(), "ctr");
+        cmd.arg("-a")
+            .arg(self.socket())
+            .args(["-n", NAMESPACE])
+            .args(args);
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {text}");
+        }
+        Ok(text)
+    }
+
+    /// Pulls `reference` over plain HTTP using the mirror configuration in `certs.d`.
+    pub fn pull(&self, reference: &str, all_platforms: bool) -> anyhow::Result<Pull> {
+        let certs = self.certs_d();
+        let mut args = vec!["images", "pull", "--plain-http", "--hosts-dir"];
+        let certs = certs.to_string_lossy().into_owned();
+        args.push(&certs);
+        if all_platforms {
+            args.push("--all-platforms");
+        }
+        args.push(reference);
+        let started = Instant::now();
+        let output = self.ctr(&args)?;
+        Ok(Pull {
+            duration: started.elapsed(),
+            output,
+        })
+    }
+
+    /// Removes an image name.
+    pub fn remove_image(&self, reference: &str) -> anyhow::Result<()> {
+        self.ctr(&["images", "rm", reference]).map(|_| ())
+    }
+
+    /// Image names in the namespace.
+    pub fn list_images(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .ctr(&["images", "ls", "-q"])?
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// The path of a blob in the content store.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
+        self.content_path().join("blobs").join(alg).join(hex)
+    }
+
+    /// Stops containerd.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+}
