@@ -6,3 +6,5 @@ pub mod http;
 pub mod images;
 pub mod process;
 pub mod registry;
+pub mod serve;
+pub mod stats;

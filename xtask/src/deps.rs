@@ -45,10 +45,16 @@ pub fn install() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let missing_pip: Vec<&str> = PIP.iter().filter(|(_, module)| !python_has(module)).map(|(pkg, _)| *pkg).collect();
+    let missing_pip: Vec<&str> = PIP
+        .iter()
+        .filter(|(_, module)| !python_has(module))
+        .map(|(pkg, _)| *pkg)
+        .collect();
     if !missing_pip.is_empty() {
         eprintln!("installing Python packages: {}", missing_pip.join(" "));
-        run(Command::new("python3").args(["-m", "pip", "install", "-q"]).args(&missing_pip))?;
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(&missing_pip))?;
     }
     Ok(())
 }
@@ -56,7 +62,9 @@ pub fn install() -> anyhow::Result<()> {
 /// Mounts tracefs for eBPF tracepoints; harmless when already mounted or not permitted.
 pub fn prepare_kernel() {
     if !std::path::Path::new("/sys/kernel/tracing/events").exists() {
-        let _ = Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]).status();
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+            .status();
     }
 }
 

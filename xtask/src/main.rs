@@ -61,7 +61,10 @@ fn main() -> anyhow::Result<()> {
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_path_buf).context("xtask must live in the workspace")
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask must live in the workspace")
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -79,10 +82,14 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // Build the daemon first: integration tests run it as a separate process, as users do.
     run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel"]))?;
     let mut rust = Command::new("cargo");
-    rust.args(["test", "--workspace", "--release"]).args(args).env("SPEGEL_BIN", root.join("target/release/spegel"));
+    rust.args(["test", "--workspace", "--release"])
+        .args(args)
+        .env("SPEGEL_BIN", root.join("target/release/spegel"));
     let rust_result = run(&mut rust);
     let chart_result = if root.join("charts/tests").is_dir() && args.is_empty() {
-        run(Command::new("python3").args(["-m", "pytest", "-q", "charts/tests"]).env("SPEGEL_BIN", root.join("target/release/spegel")))
+        run(Command::new("python3")
+            .args(["-m", "pytest", "-q", "charts/tests"])
+            .env("SPEGEL_BIN", root.join("target/release/spegel")))
     } else {
         Ok(())
     };
@@ -90,7 +97,18 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 fn run_bench_binary(root: &Path, bin: &str, args: &[String]) -> anyhow::Result<()> {
-    run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel", "-p", "bench", "--bin", bin]))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "spegel",
+        "--bin",
+        "spegel",
+        "-p",
+        "bench",
+        "--bin",
+        bin,
+    ]))?;
     run(Command::new(root.join("target/release").join(bin))
         .args(args)
         .env("SPEGEL_BIN", root.join("target/release/spegel")))
