@@ -1,9 +1,11 @@
 //! Testbed and benchmarks for spegel: real containerd, real registry, network namespaces.
 
+pub mod cluster;
 pub mod containerd;
 pub mod daemon;
 pub mod http;
 pub mod images;
+pub mod netns;
 pub mod process;
 pub mod registry;
 pub mod serve;

@@ -77,19 +77,17 @@ impl Upstream {
             Duration::from_secs(20),
             || match &netns {
                 // Only probe 10.x from inside the namespace that owns it.
-                Some(ns) => std::process::Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        ns,
-                        "busybox",
-                        "nc",
-                        "-z",
-                        &addr.ip().to_string(),
-                        &addr.port().to_string(),
-                    ])
-                    .status()
-                    .is_ok_and(|s| s.success()),
+                Some(ns) => crate::netns::exec_ok(
+                    ns,
+                    "busybox",
+                    &[
+                        "wget",
+                        "-q",
+                        "-O",
+                        "/dev/null",
+                        &format!("http://{addr}/v2/"),
+                    ],
+                ),
                 None => {
                     std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
                 }

@@ -23,7 +23,7 @@ const APT: &[(&str, &str)] = &[
 
 /// Python packages for the chart tests, with the module that shows each is importable.
 const PIP: &[(&str, &str)] = &[
-    ("helm-python-sdk", "helm"),
+    ("helm-python-sdk", "helm_python"),
     ("kubernetes-validate", "kubernetes_validate"),
     ("pytest", "pytest"),
     ("pyyaml", "yaml"),

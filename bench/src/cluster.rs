@@ -1,0 +1,244 @@
+//! A multi-node testbed: upstream registry and per-node containerd in network namespaces, and
+//! the spegel daemon started on each node the way the Helm chart does it.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    containerd::Containerd,
+    daemon::{Daemon, spegel_bin},
+    http,
+    images::{self, ImageSpec, PushedImage, in_netns},
+    netns::{Network, UPSTREAM_IP, exec_ok},
+    process::wait_for,
+    registry::Upstream,
+};
+
+/// Registry port of every daemon (the chart's default).
+pub const REGISTRY_PORT: u16 = 5000;
+/// Router port of every daemon.
+pub const ROUTER_PORT: u16 = 5001;
+/// Metrics port of every daemon.
+pub const METRICS_PORT: u16 = 9090;
+
+/// Nodes, upstream and daemons. Fields drop in order: daemons, then containerds, then the
+/// registry, then the namespaces.
+pub struct Cluster {
+    daemons: Vec<Option<Daemon>>,
+    nodes: Vec<Containerd>,
+    upstream: Upstream,
+    net: Network,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl Cluster {
+    /// Brings up `n` nodes under `dir` (created).
+    pub fn start(n: usize, dir: &Path) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(dir)?;
+        let net = Network::create(n)?;
+        let upstream_addr: SocketAddr = format!("{UPSTREAM_IP}:5000").parse()?;
+        let upstream =
+            Upstream::start(&dir.join("upstream"), upstream_addr, Some(&net.upstream()))?;
+        let mut nodes = Vec::with_capacity(n);
+        for k in 1..=n {
+            nodes.push(Containerd::start(
+                &dir.join(format!("node{k}")),
+                Some(&net.node(k)),
+            )?);
+        }
+        Ok(Cluster {
+            daemons: (0..n).map(|_| None).collect(),
+            nodes,
+            upstream,
+            net,
+            dir: dir.to_path_buf(),
+            bin: spegel_bin(),
+        })
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// containerd of node `k` (1-based).
+    pub fn node(&self, k: usize) -> &Containerd {
+        &self.nodes[k - 1]
+    }
+
+    /// The network.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The upstream registry.
+    pub fn upstream(&mut self) -> &mut Upstream {
+        &mut self.upstream
+    }
+
+    /// `host:port` of the upstream registry, as image references name it.
+    pub fn upstream_host(&self) -> String {
+        self.upstream.host()
+    }
+
+    /// Generates and pushes an image to the upstream (from inside its namespace).
+    pub fn push(&self, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
+        let addr = self.upstream.addr();
+        let spec = spec.clone();
+        in_netns(&self.net.upstream(), move || images::push(addr, &spec))
+    }
+
+    /// The daemon's arguments for node `k`, as the chart passes them.
+    pub fn registry_args(&self, k: usize) -> Vec<String> {
+        let node = &self.nodes[k - 1];
+        let mut args = vec![
+            "registry".to_string(),
+            "--log-level=DEBUG".into(),
+            format!("--registry-addr=:{REGISTRY_PORT}"),
+            format!("--router-addr=:{ROUTER_PORT}"),
+            format!("--metrics-addr=:{METRICS_PORT}"),
+            format!("--containerd-sock={}", node.socket().display()),
+            "--containerd-namespace=k8s.io".into(),
+            format!(
+                "--containerd-content-path={}",
+                node.content_path().display()
+            ),
+            format!(
+                "--data-dir={}",
+                self.dir.join(format!("node{k}/spegel")).display()
+            ),
+            "--mirror-resolve-timeout=200ms".into(),
+        ];
+        // Every other node bootstraps from node 1 (its address only; the peer ID is learnt).
+        if k != 1 {
+            args.push("--bootstrap-kind=dns".into());
+            args.push(format!("--dns-bootstrap-domain={}", self.net.node_ip(1)));
+        }
+        args
+    }
+
+    /// Runs `spegel configuration` then starts `spegel registry` with `args` on node `k`.
+    pub fn start_daemon_with(&mut self, k: usize, args: &[String]) -> anyhow::Result<()> {
+        let ns = self.net.node(k);
+        let node = &self.nodes[k - 1];
+        let target = format!("http://{}:{REGISTRY_PORT}", self.net.node_ip(k));
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&self.bin)
+            .args(["configuration", "--containerd-registry-config-path"])
+            .arg(node.certs_d())
+            .args(["--mirror-targets", &target])
+            .output()
+            .context("running spegel configuration")?;
+        if !out.status.success() {
+            bail!(
+                "spegel configuration failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let log = self.dir.join(format!("node{k}/spegel.log"));
+        let daemon = Daemon::start(&self.bin, args, &[], Some(&ns), &log, None)?;
+        self.daemons[k - 1] = Some(daemon);
+        let port = REGISTRY_PORT.to_string();
+        wait_for(
+            &format!("spegel on node {k}"),
+            Duration::from_secs(30),
+            || {
+                exec_ok(
+                    &ns,
+                    "busybox",
+                    &[
+                        "wget",
+                        "-q",
+                        "-O",
+                        "/dev/null",
+                        &format!("http://127.0.0.1:{port}/livez"),
+                    ],
+                )
+            },
+        )
+    }
+
+    /// Starts the daemon on node `k` with the chart's arguments.
+    pub fn start_daemon(&mut self, k: usize) -> anyhow::Result<()> {
+        let args = self.registry_args(k);
+        self.start_daemon_with(k, &args)
+    }
+
+    /// Stops the daemon on node `k` (SIGTERM) and returns its exit status.
+    pub fn stop_daemon(&mut self, k: usize) -> Option<std::process::ExitStatus> {
+        self.daemons[k - 1]
+            .take()
+            .and_then(|mut d| d.process.stop())
+    }
+
+    /// Kills the daemon on node `k` at once (SIGKILL), as a crash would.
+    pub fn kill_daemon(&mut self, k: usize) {
+        if let Some(d) = self.daemons[k - 1].take() {
+            d.process.signal(nix::sys::signal::Signal::SIGKILL);
+            drop(d);
+        }
+    }
+
+    /// The daemon on node `k`, if running.
+    pub fn daemon(&mut self, k: usize) -> Option<&mut Daemon> {
+        self.daemons[k - 1].as_mut()
+    }
+
+    /// Log file of node `k`'s daemon.
+    pub fn daemon_log(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("node{k}/spegel.log"))
+    }
+
+    /// An HTTP GET from inside node `k`'s namespace to `addr` (e.g. a daemon's port).
+    pub fn get_from(
+        &self,
+        k: usize,
+        addr: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<http::Response> {
+        let addr: SocketAddr = addr.parse()?;
+        let target = target.to_string();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        in_netns(&self.net.node(k), move || {
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            http::request(addr, "GET", &target, &h, false)
+        })
+    }
+
+    /// Waits until node `k`'s daemon reports ready.
+    pub fn wait_ready(&self, k: usize, timeout: Duration) -> anyhow::Result<()> {
+        let ns = self.net.node(k);
+        wait_for(&format!("node {k} ready"), timeout, || {
+            exec_ok(
+                &ns,
+                "busybox",
+                &[
+                    "wget",
+                    "-q",
+                    "-O",
+                    "/dev/null",
+                    &format!("http://127.0.0.1:{REGISTRY_PORT}/readyz"),
+                ],
+            )
+        })
+    }
+}

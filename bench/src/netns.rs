@@ -1,0 +1,136 @@
+//! Test hosts in network namespaces: a bridge in its own namespace, one namespace per node and
+//! one for the upstream registry, all on 10.99.0.0/24. The root namespace is never touched
+//! beyond creating the namespaces, and nothing is ever sent to 10.x from it.
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, bail};
+
+/// Address of the upstream namespace.
+pub const UPSTREAM_IP: &str = "10.99.0.254";
+
+/// A set of namespaces joined by a bridge; deleted on drop.
+pub struct Network {
+    prefix: String,
+    namespaces: Vec<String>,
+    nodes: usize,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    ip(&full)
+}
+
+/// Runs a command inside a namespace and returns whether it succeeded.
+pub fn exec_ok(ns: &str, program: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl Network {
+    /// Creates a bridge namespace, `nodes` node namespaces (10.99.0.1…) and an upstream
+    /// namespace (10.99.0.254), with names unique to this process.
+    pub fn create(nodes: usize) -> anyhow::Result<Network> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        if nodes == 0 || nodes > 200 {
+            bail!("between 1 and 200 nodes, not {nodes}");
+        }
+        let id = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("sp{}x{id}", std::process::id());
+        let mut net = Network {
+            prefix: prefix.clone(),
+            namespaces: Vec::new(),
+            nodes,
+        };
+        let hub = format!("{prefix}-hub");
+        ip(&["netns", "add", &hub])?;
+        net.namespaces.push(hub.clone());
+        in_ns(&hub, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        in_ns(&hub, &["ip", "link", "set", "br0", "up"])?;
+        in_ns(&hub, &["ip", "link", "set", "lo", "up"])?;
+        let mut members: Vec<(String, String)> = (1..=nodes)
+            .map(|k| (net.node(k), format!("10.99.0.{k}")))
+            .collect();
+        members.push((net.upstream(), UPSTREAM_IP.to_string()));
+        for (i, (ns, addr)) in members.iter().enumerate() {
+            ip(&["netns", "add", ns])?;
+            net.namespaces.push(ns.clone());
+            // veth names are at most 15 bytes; the hub end lives in the hub namespace.
+            let hub_end = format!("v{}x{id}h{i}", std::process::id() % 10_000);
+            ip(&[
+                "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ])?;
+            ip(&["link", "set", &hub_end, "netns", &hub])?;
+            in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
+            in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
+            in_ns(
+                ns,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            )?;
+            in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
+            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Namespace of node `k` (1-based).
+    pub fn node(&self, k: usize) -> String {
+        format!("{}-n{k}", self.prefix)
+    }
+
+    /// IP of node `k`.
+    pub fn node_ip(&self, k: usize) -> String {
+        format!("10.99.0.{k}")
+    }
+
+    /// Namespace of the upstream registry.
+    pub fn upstream(&self) -> String {
+        format!("{}-up", self.prefix)
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// Limits the upstream's sending rate (what nodes download from it), e.g. `200mbit`.
+    pub fn shape_upstream(&self, rate: &str) -> anyhow::Result<()> {
+        in_ns(
+            &self.upstream(),
+            &[
+                "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst",
+                "256kb", "latency", "100ms",
+            ],
+        )
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
