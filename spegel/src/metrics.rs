@@ -171,7 +171,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"http_response_size_bytes_bucket{code="200",handler="/v2/*",method="GET",le="1024"} 0"#));
-        assert!(text.contains(r#"le="1953125000""#));
+        assert!(text.contains(r#"le="2000000000""#), "{text}");
         assert!(text.contains(r#"spegel_advertised_image_tags{registry="docker.io"} 1"#));
     }
 }

@@ -1,11 +1,30 @@
 //! Forwarding requests for content this node lacks to peers that advertised it.
 
+mod body;
+mod client;
+mod hedger;
+mod race;
+mod selector;
+
+use std::{sync::Arc, time::Duration};
+
 use async_trait::async_trait;
+use tracing::{Instrument, debug, info_span, warn};
+
+pub use hedger::{Hedger, INITIAL_HEDGE};
+pub use selector::{LatencySelector, Outcome, PeerSelector};
 
 use crate::{
-    oci::{ByteRange, DistributionPath},
-    registry::http::Response,
+    oci::{ByteRange, DistributionPath, Kind, OCTET_STREAM},
+    registry::{
+        http::{Body, Response},
+        not_found_anywhere,
+    },
+    routing::Router,
 };
+use body::ResumingBody;
+use client::{FetchSpec, PeerClient};
+use race::{Pool, RaceError, race};
 
 /// A pull request the local store could not serve.
 #[derive(Debug, Clone)]
@@ -23,4 +42,233 @@ pub struct MirrorRequest {
 pub trait Mirror: Send + Sync + 'static {
     /// Fetches from a peer and returns the response to send to the client.
     async fn forward(&self, request: MirrorRequest) -> Response;
+}
+
+/// Settings of [`PeerMirror`].
+#[derive(Clone)]
+pub struct MirrorConfig {
+    /// Longest wait for a provider while the lookup runs and no fetch is in flight.
+    pub resolve_timeout: Duration,
+    /// Providers asked of the router per lookup.
+    pub resolve_retries: usize,
+    /// Total deadline of HEAD and manifest requests (lookup, fetch and body).
+    pub bounded_timeout: Duration,
+    /// `Authorization` header value sent to peers (`Basic …`), if any.
+    pub basic_auth_header: Option<String>,
+    /// Decides which provider is tried next.
+    pub selector: Arc<dyn PeerSelector>,
+    /// Lower bound of the time a race waits for response headers (`max(2×p90, floor)`).
+    pub race_timeout_floor: Duration,
+    /// Times a broken blob body is resumed before the response is abandoned.
+    pub max_resumes: usize,
+    /// A peer body that delivers nothing for this long counts as broken.
+    pub body_stall_timeout: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            resolve_timeout: Duration::from_millis(20),
+            resolve_retries: 3,
+            bounded_timeout: Duration::from_secs(3),
+            basic_auth_header: None,
+            selector: Arc::new(LatencySelector::new()),
+            race_timeout_floor: Duration::from_millis(100),
+            max_resumes: 5,
+            body_stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for MirrorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorConfig")
+            .field("resolve_timeout", &self.resolve_timeout)
+            .field("resolve_retries", &self.resolve_retries)
+            .field("bounded_timeout", &self.bounded_timeout)
+            .field("basic_auth", &self.basic_auth_header.is_some())
+            .field("race_timeout_floor", &self.race_timeout_floor)
+            .field("max_resumes", &self.max_resumes)
+            .field("body_stall_timeout", &self.body_stall_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`PeerMirror`] cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The configured `Authorization` value is not a valid header value.
+    #[error("invalid basic auth header value")]
+    InvalidAuthorization(#[from] http::header::InvalidHeaderValue),
+}
+
+/// State shared by all forwards and their body streams.
+struct Shared {
+    router: Arc<dyn Router>,
+    client: PeerClient,
+    selector: Arc<dyn PeerSelector>,
+    hedger: Hedger,
+    config: MirrorConfig,
+}
+
+/// Forwards requests to the providers the router finds, hedging and resuming (§2.8).
+#[derive(Clone)]
+pub struct PeerMirror {
+    shared: Arc<Shared>,
+}
+
+impl PeerMirror {
+    /// A mirror looking providers up in `router`.
+    pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Result<Self, MirrorError> {
+        let client = PeerClient::new(config.basic_auth_header.as_deref())?;
+        Ok(PeerMirror {
+            shared: Arc::new(Shared {
+                router,
+                client,
+                selector: config.selector.clone(),
+                hedger: Hedger::new(),
+                config,
+            }),
+        })
+    }
+
+    /// The hedge timing shared by this mirror's forwards.
+    pub fn hedger(&self) -> &Hedger {
+        &self.shared.hedger
+    }
+
+    async fn forward_inner(
+        &self,
+        request: MirrorRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response {
+        let shared = &self.shared;
+        let kind = request.path.kind;
+        let head = request.head;
+        let key: Arc<str> = request.path.reference.identifier().into();
+        let not_found = |attempts: usize, message: &str| {
+            not_found_anywhere(kind, &key, attempts, message, head)
+        };
+        let lookup = match shared
+            .router
+            .lookup(&key, shared.config.resolve_retries.max(1))
+            .await
+        {
+            Ok(rx) => rx,
+            Err(e) => {
+                // Still a 404: any other status would not make containerd fall back upstream.
+                warn!(error = %e, "lookup failed");
+                return not_found(0, "could not find peer for");
+            }
+        };
+        let mut pool = Pool::new(key.clone(), lookup);
+        let spec = FetchSpec {
+            path: request.path.clone(),
+            head,
+            range: request.range,
+        };
+        let winner = match race(shared, &mut pool, &spec).await {
+            Ok(w) => w,
+            Err(e) => {
+                debug!(error = ?e, "no peer could serve the request");
+                return match e {
+                    RaceError::NoPeer => not_found(0, "could not find peer for"),
+                    RaceError::Exhausted { attempts } => {
+                        not_found(attempts, "all request retries exhausted for")
+                    }
+                    RaceError::Idle { attempts } => not_found(
+                        attempts,
+                        "waited too long for new peer with no inflight fetches for",
+                    ),
+                    RaceError::Timeout { attempts } => not_found(
+                        attempts,
+                        "waited too long for inflight dials to complete for",
+                    ),
+                    RaceError::Unsatisfiable { size } => {
+                        Response::empty(416).header("Content-Range", format!("bytes */{size}"))
+                    }
+                };
+            }
+        };
+        let fetched = &winner.fetched;
+        let mut response = Response::empty(200);
+        let (start, len) = match kind {
+            Kind::Manifest => {
+                response = response
+                    .header("Content-Type", fetched.media_type.clone())
+                    .header("Content-Length", fetched.size.to_string());
+                (0, fetched.size)
+            }
+            Kind::Blob => {
+                response = response.header("Accept-Ranges", "bytes");
+                match fetched.range {
+                    Some(cr) => {
+                        response.status = 206;
+                        response = response
+                            .header("Content-Type", OCTET_STREAM)
+                            .header("Content-Range", cr.to_string())
+                            .header("Content-Length", cr.len().to_string());
+                        (cr.start, cr.len())
+                    }
+                    None => {
+                        response = response
+                            .header("Content-Type", fetched.media_type.clone())
+                            .header("Content-Length", fetched.size.to_string());
+                        (0, fetched.size)
+                    }
+                }
+            }
+        };
+        response = response.header("Docker-Content-Digest", fetched.digest.clone());
+        debug!(peer = %winner.peer.id, status = response.status, len, "forwarding peer response");
+        if head || len == 0 {
+            return response;
+        }
+        let body = ResumingBody::new(
+            shared.clone(),
+            pool,
+            FetchSpec {
+                path: request.path,
+                head: false,
+                range: request.range,
+            },
+            winner,
+            start,
+            len,
+            kind == Kind::Blob,
+            deadline,
+        );
+        response.body(Body::Stream {
+            stream: body.into_stream(),
+            len,
+        })
+    }
+}
+
+#[async_trait]
+impl Mirror for PeerMirror {
+    async fn forward(&self, request: MirrorRequest) -> Response {
+        let span = info_span!(
+            "mirror",
+            key = %request.path.reference.identifier(),
+            kind = request.path.kind.as_str(),
+            head = request.head,
+        );
+        // Clients of HEAD and manifest requests wait on the answer; blob GETs may take long.
+        let bounded = request.head || request.path.kind == Kind::Manifest;
+        if !bounded {
+            return self.forward_inner(request, None).instrument(span).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.config.bounded_timeout;
+        match tokio::time::timeout_at(deadline, self.forward_inner(request, Some(deadline)))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(response) => response,
+            Err(_) => {
+                span.in_scope(|| debug!("mirror deadline exceeded"));
+                Response::empty(404)
+            }
+        }
+    }
 }

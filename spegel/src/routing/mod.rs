@@ -1,9 +1,16 @@
 //! Content routing: who in the cluster can serve a digest or tag.
-//!
-//! NOTE: placeholder interface; the libp2p implementation lands from the `routing` branch and
-//! replaces this file (keeping these signatures).
+
+mod bootstrap;
+mod identity;
+mod memory;
+mod p2p;
 
 use async_trait::async_trait;
+
+pub use bootstrap::{Bootstrapper, serve_http_bootstrap};
+pub use identity::load_or_create_identity;
+pub use memory::MemoryRouter;
+pub use p2p::{P2pConfig, P2pRouter};
 
 /// A peer that advertised a key, with the addresses of its registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -20,6 +27,20 @@ pub enum RoutingError {
     /// The router's event loop is gone.
     #[error("router stopped")]
     Stopped,
+    /// The router could not be set up.
+    #[error("router setup: {0}")]
+    Setup(String),
+    /// The identity file is unusable.
+    #[error("identity {path}: {reason}")]
+    Identity {
+        /// File path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Bootstrap configuration or lookup failed.
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
 }
 
 /// Advertises local content and finds peers that have content.
@@ -27,7 +48,7 @@ pub enum RoutingError {
 pub trait Router: Send + Sync + 'static {
     /// Whether the node is connected to at least one peer.
     fn ready(&self) -> bool;
-    /// Starts providing keys.
+    /// Starts providing keys (and keeps re-providing them until withdrawn).
     async fn advertise(&self, keys: Vec<String>) -> Result<(), RoutingError>;
     /// Stops providing keys.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RoutingError>;
@@ -37,4 +58,49 @@ pub trait Router: Send + Sync + 'static {
         key: &str,
         count: usize,
     ) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError>;
+}
+
+/// The DHT key of a routing key string: the sha2-256 multihash of its UTF-8 bytes, as the
+/// original's CIDv1 (raw) keys carry it (§3.2).
+pub fn multihash_key(key: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut out = Vec::with_capacity(34);
+    out.extend_from_slice(&[0x12, 0x20]);
+    out.extend_from_slice(&sha2::Sha256::digest(key.as_bytes()));
+    out
+}
+
+/// The original's CID string of a key (CIDv1, raw codec, base32), for logs and interop checks.
+pub fn cid_string(key: &str) -> String {
+    let mut bytes = vec![0x01, 0x55];
+    bytes.extend_from_slice(&multihash_key(key));
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut out = String::from("b");
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for b in bytes {
+        buffer = (buffer << 8) | b as u32;
+        bits += 8;
+        while bits >= 5 {
+            out.push(ALPHABET[((buffer >> (bits - 5)) & 31) as usize] as char);
+            bits -= 5;
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cid_vector() {
+        assert_eq!(
+            cid_string("foobar"),
+            "bafkreigdvoh7cnza5cwzar65hfdgwpejotszfqx2ha6uuolaofgk54ge6i"
+        );
+        assert_eq!(multihash_key("foobar").len(), 34);
+    }
 }

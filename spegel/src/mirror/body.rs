@@ -1,0 +1,161 @@
+//! The body of a forwarded response: streams a peer's body and, for blobs, resumes a body that
+//! broke mid-stream from the exact byte reached, with a range request to another provider.
+
+use std::{io, sync::Arc};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tracing::{Instrument, Span, debug, warn};
+
+use super::{
+    Shared,
+    client::FetchSpec,
+    race::{InFlight, Pool, Winner, race},
+    selector::Outcome,
+};
+use crate::{
+    oci::{ByteRange, Kind},
+    routing::Peer,
+};
+
+/// Streams exactly `len` bytes of content starting at content offset `start`.
+pub struct ResumingBody {
+    pub(super) shared: Arc<Shared>,
+    pub(super) pool: Pool,
+    /// The request as first sent; resumes replace its range.
+    pub(super) spec: FetchSpec,
+    pub(super) current: Option<(Peer, Incoming, InFlight)>,
+    /// Content offset of the first byte the client receives.
+    pub(super) start: u64,
+    /// Bytes the client receives in total.
+    pub(super) len: u64,
+    /// Total content size, which every resumed response must agree on.
+    pub(super) size: u64,
+    pub(super) digest: String,
+    /// Manifests are not resumed: a short one is rejected by the client's digest check anyway.
+    pub(super) resumable: bool,
+    /// Bounds reading the body (HEAD and manifest requests are bounded as a whole).
+    pub(super) deadline: Option<tokio::time::Instant>,
+    pub(super) span: Span,
+    pub(super) sent: u64,
+    pub(super) resumes: usize,
+    pub(super) done: bool,
+}
+
+impl ResumingBody {
+    /// Starts the body with the race winner's response.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        pool: Pool,
+        spec: FetchSpec,
+        winner: Winner,
+        start: u64,
+        len: u64,
+        resumable: bool,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
+        ResumingBody {
+            shared,
+            pool,
+            spec,
+            start,
+            len,
+            size: winner.fetched.size,
+            digest: winner.fetched.digest,
+            current: Some((winner.peer, winner.fetched.body, winner.guard)),
+            resumable,
+            deadline,
+            span: Span::current(),
+            sent: 0,
+            resumes: 0,
+            done: false,
+        }
+    }
+
+    /// The body as the stream the registry writes.
+    pub fn into_stream(self) -> BoxStream<'static, io::Result<Bytes>> {
+        Box::pin(futures::stream::unfold(self, |mut body| async move {
+            let span = body.span.clone();
+            let item = body.next_chunk().instrument(span).await?;
+            Some((item, body))
+        }))
+    }
+
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.done || self.sent >= self.len {
+            return None;
+        }
+        loop {
+            let failure = match &mut self.current {
+                None => "no response body".to_string(),
+                Some((_, body, _)) => {
+                    let stall = tokio::time::Instant::now() + self.shared.config.body_stall_timeout;
+                    let limit = self.deadline.map_or(stall, |d| d.min(stall));
+                    match tokio::time::timeout_at(limit, body.frame()).await {
+                        Ok(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) if !data.is_empty() => {
+                                let take = data.len().min((self.len - self.sent) as usize);
+                                self.sent += take as u64;
+                                return Some(Ok(data.slice(..take)));
+                            }
+                            _ => continue,
+                        },
+                        Ok(Some(Err(e))) => e.to_string(),
+                        Ok(None) => "peer ended the body early".to_string(),
+                        Err(_) => "no body data in time".to_string(),
+                    }
+                }
+            };
+            if let Some((peer, body, guard)) = self.current.take() {
+                let what = match self.spec.path.kind {
+                    Kind::Blob => "blob",
+                    Kind::Manifest => "manifest",
+                };
+                warn!(peer = %peer.id, sent = self.sent, len = self.len, error = %failure,
+                    "copying of {what} data failed");
+                self.shared.selector.observe(&peer, Outcome::Failure);
+                self.pool.mark_broken(&peer);
+                drop(body);
+                drop(guard);
+            }
+            if !self.resumable || self.resumes >= self.shared.config.max_resumes {
+                self.done = true;
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "peer body failed after {} of {} bytes: {failure}",
+                        self.sent, self.len
+                    ),
+                )));
+            }
+            self.resumes += 1;
+            let from = self.start + self.sent;
+            let spec = FetchSpec {
+                range: Some(ByteRange::FromTo(from, self.start + self.len - 1)),
+                ..self.spec.clone()
+            };
+            debug!(from, resume = self.resumes, "resuming body");
+            match race(&self.shared, &mut self.pool, &spec).await {
+                Ok(w) if w.fetched.size == self.size && w.fetched.digest == self.digest => {
+                    self.current = Some((w.peer, w.fetched.body, w.guard));
+                }
+                Ok(w) => {
+                    warn!(peer = %w.peer.id, size = w.fetched.size, digest = %w.fetched.digest,
+                        "resumed response describes different content");
+                    self.shared.selector.observe(&w.peer, Outcome::Failure);
+                    self.pool.mark_failed(&w.peer);
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("resuming at byte {from} failed: {e:?}"),
+                    )));
+                }
+            }
+        }
+    }
+}

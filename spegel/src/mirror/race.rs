@@ -1,0 +1,275 @@
+//! Hedged racing of one request over the providers a lookup streams in.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{
+    Shared,
+    client::{FetchError, FetchSpec, Fetched},
+    selector::{Outcome, PeerSelector},
+};
+use crate::routing::Peer;
+
+/// Timer-triggered extra fetches per race; failures trigger further fetches on their own.
+const MAX_HEDGES: usize = 3;
+
+/// Marks one fetch of a key from a peer as in flight for the selector until dropped.
+pub struct InFlight {
+    selector: Arc<dyn PeerSelector>,
+    key: Arc<str>,
+    peer: Peer,
+}
+
+impl InFlight {
+    fn new(selector: Arc<dyn PeerSelector>, key: Arc<str>, peer: Peer) -> Self {
+        selector.begin(&key, &peer);
+        InFlight {
+            selector,
+            key,
+            peer,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.selector.finish(&self.key, &self.peer);
+    }
+}
+
+struct Known {
+    peer: Peer,
+    /// Failed a fetch for this request: never asked again by it.
+    failed: bool,
+    /// Times its body broke mid-stream for this request: asked again only as a last resort.
+    broken: u32,
+}
+
+/// The providers of one key as the lookup discovers them, with per-request health.
+pub struct Pool {
+    key: Arc<str>,
+    lookup: Option<mpsc::Receiver<Peer>>,
+    started: Instant,
+    known: Vec<Known>,
+}
+
+impl Pool {
+    /// Wraps a running lookup for `key`.
+    pub fn new(key: Arc<str>, lookup: mpsc::Receiver<Peer>) -> Self {
+        Pool {
+            key,
+            lookup: Some(lookup),
+            started: Instant::now(),
+            known: Vec::new(),
+        }
+    }
+
+    /// Whether the lookup has finished (no more providers will arrive).
+    fn lookup_done(&self) -> bool {
+        self.lookup.is_none()
+    }
+
+    fn add(&mut self, peer: Peer) {
+        crate::metrics::global()
+            .resolve_duration
+            .with_label_values(&["libp2p"])
+            .observe(self.started.elapsed().as_secs_f64());
+        if self.known.iter().any(|k| k.peer.id == peer.id) {
+            return;
+        }
+        debug!(peer = %peer.id, "provider found");
+        self.known.push(Known {
+            peer,
+            failed: false,
+            broken: 0,
+        });
+    }
+
+    /// Takes every provider already delivered, so the selector chooses among all of them
+    /// rather than whichever arrived first.
+    fn drain_ready(&mut self) {
+        while let Some(rx) = &mut self.lookup {
+            match rx.try_recv() {
+                Ok(peer) => self.add(peer),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.lookup = None,
+            }
+        }
+    }
+
+    /// Excludes `peer` from every later race of this request.
+    pub fn mark_failed(&mut self, peer: &Peer) {
+        if let Some(k) = self.known.iter_mut().find(|k| k.peer.id == peer.id) {
+            k.failed = true;
+        }
+    }
+
+    /// Records that `peer`'s body broke, so resumes prefer other providers.
+    pub fn mark_broken(&mut self, peer: &Peer) {
+        if let Some(k) = self.known.iter_mut().find(|k| k.peer.id == peer.id) {
+            k.broken += 1;
+        }
+    }
+
+    /// The best provider not yet asked in this race.
+    fn best(&self, selector: &dyn PeerSelector, asked: &HashSet<String>) -> Option<Peer> {
+        let usable = |k: &&Known| !k.failed && !asked.contains(&k.peer.id);
+        let least_broken = self.known.iter().filter(usable).map(|k| k.broken).min()?;
+        let mut candidates: Vec<Peer> = self
+            .known
+            .iter()
+            .filter(usable)
+            .filter(|k| k.broken == least_broken)
+            .map(|k| k.peer.clone())
+            .collect();
+        selector.order(&self.key, &mut candidates);
+        candidates.into_iter().next()
+    }
+}
+
+async fn next_provider(lookup: &mut Option<mpsc::Receiver<Peer>>) -> Option<Peer> {
+    match lookup {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why a race produced no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaceError {
+    /// The lookup finished without providers and nothing was attempted.
+    NoPeer,
+    /// The lookup finished and every provider failed.
+    Exhausted {
+        /// Fetches started.
+        attempts: usize,
+    },
+    /// The lookup produced no provider for the idle timeout while nothing was in flight.
+    Idle {
+        /// Fetches started.
+        attempts: usize,
+    },
+    /// In-flight fetches produced no response headers before the race timeout.
+    Timeout {
+        /// Fetches started.
+        attempts: usize,
+    },
+    /// A provider reported the requested range lies outside content of this size.
+    Unsatisfiable {
+        /// Total content size.
+        size: u64,
+    },
+}
+
+/// The first successful fetch of a race.
+pub struct Winner {
+    /// The provider that answered.
+    pub peer: Peer,
+    /// Its response head and body.
+    pub fetched: Fetched,
+    /// Keeps the fetch counted as in flight while its body is read.
+    pub guard: InFlight,
+}
+
+type FetchFuture =
+    Pin<Box<dyn Future<Output = (Peer, InFlight, Duration, Result<Fetched, FetchError>)> + Send>>;
+
+/// Races `spec` over the pool's providers: best first, hedged after the hedge delay, the next
+/// provider right after a failure; the first success wins and the others are cancelled.
+pub async fn race(shared: &Shared, pool: &mut Pool, spec: &FetchSpec) -> Result<Winner, RaceError> {
+    let mut inflight: FuturesUnordered<FetchFuture> = FuturesUnordered::new();
+    let mut asked: HashSet<String> = HashSet::new();
+    let mut attempts = 0usize;
+    // Fetch starts wanted beyond "one whenever nothing is in flight".
+    let mut wanted = 0usize;
+    let mut hedges_left = MAX_HEDGES;
+    let mut next_hedge: Option<tokio::time::Instant> = None;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        while wanted > 0 || inflight.is_empty() {
+            let Some(peer) = pool.best(shared.selector.as_ref(), &asked) else {
+                break;
+            };
+            wanted = wanted.saturating_sub(1);
+            asked.insert(peer.id.clone());
+            attempts += 1;
+            let now = tokio::time::Instant::now();
+            deadline
+                .get_or_insert(now + shared.hedger.race_timeout(shared.config.race_timeout_floor));
+            next_hedge = (hedges_left > 0).then(|| now + shared.hedger.hedge_delay());
+            inflight.push(start_fetch(shared, pool.key.clone(), peer, spec.clone()));
+        }
+        if inflight.is_empty() && pool.lookup_done() {
+            return Err(if attempts == 0 {
+                RaceError::NoPeer
+            } else {
+                RaceError::Exhausted { attempts }
+            });
+        }
+        let busy = !inflight.is_empty();
+        tokio::select! {
+            biased;
+            Some((peer, guard, latency, result)) = inflight.next(), if busy => match result {
+                Ok(fetched) => {
+                    shared.selector.observe(&peer, Outcome::Success(latency));
+                    shared.hedger.observe(latency);
+                    debug!(peer = %peer.id, latency_ms = latency.as_millis() as u64, attempts, "peer answered");
+                    return Ok(Winner { peer, fetched, guard });
+                }
+                Err(FetchError::Unsatisfiable { size }) => return Err(RaceError::Unsatisfiable { size }),
+                Err(e) => {
+                    warn!(peer = %peer.id, error = %e, "request to peer failed");
+                    shared.selector.observe(&peer, Outcome::Failure);
+                    pool.mark_failed(&peer);
+                    wanted += 1;
+                }
+            },
+            found = next_provider(&mut pool.lookup) => match found {
+                Some(peer) => {
+                    pool.add(peer);
+                    pool.drain_ready();
+                }
+                None => pool.lookup = None,
+            },
+            _ = sleep_until_opt(next_hedge), if busy => {
+                next_hedge = None;
+                hedges_left = hedges_left.saturating_sub(1);
+                wanted += 1;
+            }
+            _ = sleep_until_opt(deadline), if busy => return Err(RaceError::Timeout { attempts }),
+            _ = tokio::time::sleep(shared.config.resolve_timeout), if !busy => {
+                return Err(RaceError::Idle { attempts });
+            }
+        }
+    }
+}
+
+fn start_fetch(shared: &Shared, key: Arc<str>, peer: Peer, spec: FetchSpec) -> FetchFuture {
+    let guard = InFlight::new(shared.selector.clone(), key, peer.clone());
+    let client = shared.client.clone();
+    let span = info_span!("peer_fetch", peer = %peer.id);
+    Box::pin(
+        async move {
+            let started = Instant::now();
+            let result = client.fetch(&peer, &spec).await;
+            (peer, guard, started.elapsed(), result)
+        }
+        .instrument(span),
+    )
+}

@@ -1,0 +1,736 @@
+//! Kademlia routing over libp2p: the Swarm is owned by one event loop task; [`P2pRouter`] is
+//! a cloneable handle that sends it commands and awaits oneshot replies.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify,
+    kad::{
+        self, GetProvidersOk, Mode, QueryId, QueryResult, RecordKey, store::MemoryStore,
+        store::MemoryStoreConfig,
+    },
+    multiaddr::Protocol,
+    noise,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{Bootstrapper, Peer, Router, RoutingError, load_or_create_identity, multihash_key};
+use crate::metrics;
+
+/// Kademlia protocol shared by every spegel node (a private DHT, never the IPFS one).
+pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
+/// Notices between spegel nodes: withdrawn keys and graceful leave.
+pub const NOTICE_PROTOCOL: &str = "/spegel/notice/1.0.0";
+/// Provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
+const MAX_PROVIDE_QUERIES: usize = 64;
+/// Keys per withdraw notice.
+const WITHDRAW_CHUNK: usize = 1000;
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// Listen address, Go style (`:5001`, `10.0.0.1:5001`).
+    pub router_addr: String,
+    /// This node's registry port, told to peers so they can reach it.
+    pub registry_port: u16,
+    /// Where the identity is persisted; empty for an ephemeral one.
+    pub data_dir: String,
+    /// Lifetime of provider records; they are re-provided at half of it.
+    pub advertise_ttl: Duration,
+    /// Where first peers come from; `None` for a lone node.
+    pub bootstrap: Option<Bootstrapper>,
+}
+
+/// A notice sent to peers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Notice {
+    /// The sender stopped providing these DHT keys.
+    Withdraw(Vec<Vec<u8>>),
+    /// The sender is shutting down.
+    Leave,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Ack;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    notice: request_response::json::Behaviour<Notice, Ack>,
+}
+
+enum Command {
+    Advertise(Vec<String>, oneshot::Sender<()>),
+    Withdraw(Vec<String>, oneshot::Sender<()>),
+    Lookup {
+        key: String,
+        count: usize,
+        reply: oneshot::Sender<mpsc::Receiver<Peer>>,
+    },
+    Dial(Vec<Multiaddr>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Cloneable handle to the libp2p router.
+#[derive(Clone)]
+pub struct P2pRouter {
+    commands: mpsc::Sender<Command>,
+    ready: Arc<AtomicBool>,
+    peer_id: PeerId,
+    shared: Arc<Mutex<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    listen: Vec<Multiaddr>,
+    peers: Vec<(String, Vec<String>)>,
+}
+
+fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
+    let bad = || RoutingError::Setup(format!("invalid router address {router_addr:?}"));
+    let (host, port) = router_addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_matches(['[', ']']);
+    if host.is_empty() {
+        return Ok(vec![
+            Multiaddr::from(IpAddr::from([0u8, 0, 0, 0])).with(Protocol::Tcp(port)),
+            Multiaddr::from(IpAddr::from([0u16; 8])).with(Protocol::Tcp(port)),
+        ]);
+    }
+    let ip: IpAddr = host.parse().map_err(|_| bad())?;
+    Ok(vec![Multiaddr::from(ip).with(Protocol::Tcp(port))])
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+fn registry_port_of(agent_version: &str) -> Option<u16> {
+    agent_version
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("registry-port=")?.parse().ok())
+}
+
+impl P2pRouter {
+    /// Starts listening and the event loop (plus the bootstrap loop when configured).
+    pub async fn start(
+        config: P2pConfig,
+    ) -> Result<(P2pRouter, tokio::task::JoinHandle<()>), RoutingError> {
+        let keypair = load_or_create_identity(&config.data_dir)?;
+        let peer_id = keypair.public().to_peer_id();
+        let agent = format!(
+            "spegel/{} registry-port={}",
+            env!("CARGO_PKG_VERSION"),
+            config.registry_port
+        );
+        let ttl = config.advertise_ttl.max(Duration::from_secs(1));
+        let setup = |e: String| RoutingError::Setup(e);
+        let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| setup(e.to_string()))?
+            .with_behaviour(|key| {
+                let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                kad_config
+                    .set_query_timeout(Duration::from_secs(5))
+                    .set_provider_record_ttl(Some(ttl))
+                    .set_provider_publication_interval(Some(ttl / 2))
+                    .set_record_ttl(Some(ttl))
+                    .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
+                let store = MemoryStore::with_config(
+                    key.public().to_peer_id(),
+                    MemoryStoreConfig {
+                        max_records: 1024,
+                        max_value_bytes: 65 * 1024,
+                        max_providers_per_key: 64,
+                        max_provided_keys: 1_000_000,
+                    },
+                );
+                let mut kad =
+                    kad::Behaviour::with_config(key.public().to_peer_id(), store, kad_config);
+                kad.set_mode(Some(Mode::Server));
+                let identify = identify::Behaviour::new(
+                    identify::Config::new("/spegel/1.0.0".into(), key.public())
+                        .with_agent_version(agent.clone()),
+                );
+                let notice = request_response::json::Behaviour::new(
+                    [(StreamProtocol::new(NOTICE_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(2)),
+                );
+                Ok(Behaviour {
+                    kad,
+                    identify,
+                    notice,
+                })
+            })
+            .map_err(|e| setup(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+            .build();
+        let addrs = listen_addrs(&config.router_addr)?;
+        let mut listening = 0;
+        for addr in &addrs {
+            match swarm.listen_on(addr.clone()) {
+                Ok(_) => listening += 1,
+                Err(e) => warn!(%addr, error = %e, "cannot listen"),
+            }
+        }
+        if listening == 0 {
+            return Err(setup(format!("cannot listen on {}", config.router_addr)));
+        }
+        let loopback_only = addrs
+            .iter()
+            .all(|a| ip_of(a).is_some_and(|ip| ip.is_loopback()));
+        let (tx, rx) = mpsc::channel(1024);
+        let ready = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let router = P2pRouter {
+            commands: tx.clone(),
+            ready: ready.clone(),
+            peer_id,
+            shared: shared.clone(),
+        };
+        let event_loop = EventLoop {
+            swarm,
+            commands: rx,
+            lookups: HashMap::new(),
+            peers: HashMap::new(),
+            departed: HashSet::new(),
+            provide_queue: VecDeque::new(),
+            provides: HashSet::new(),
+            ready,
+            shared,
+            registry_port: config.registry_port,
+            loopback_only,
+            leaving: None,
+        };
+        let handle = tokio::spawn(event_loop.run());
+        if let Some(bootstrapper) = config.bootstrap {
+            let router = router.clone();
+            tokio::spawn(async move { router.bootstrap_loop(bootstrapper).await });
+        } else {
+            info!(
+                "no bootstrap configured: running as a lone node (serving local content, not ready)"
+            );
+        }
+        info!(peer_id = %peer_id, "router started");
+        Ok((router, handle))
+    }
+
+    /// This node's peer ID.
+    pub fn local_peer_id(&self) -> String {
+        self.peer_id.to_string()
+    }
+
+    /// Addresses this node listens on (for `/id` and the debug UI).
+    pub fn listen_addrs(&self) -> Vec<String> {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.listen.iter().map(|a| a.to_string()).collect()
+    }
+
+    /// Connected peers and their addresses.
+    pub fn peers(&self) -> Vec<(String, Vec<String>)> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peers
+            .clone()
+    }
+
+    /// Tells peers this node is leaving (so they stop routing to it at once), then stops.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        }
+    }
+
+    async fn bootstrap_loop(self, bootstrapper: Bootstrapper) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.commands.is_closed() {
+                return;
+            }
+            if self.ready() {
+                backoff = Duration::from_millis(50);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            match bootstrapper.addrs().await {
+                Ok(addrs) if !addrs.is_empty() => {
+                    debug!(?addrs, "bootstrapping");
+                    if self.commands.send(Command::Dial(addrs)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => debug!("bootstrap found no peers"),
+                Err(e) => warn!(error = %e, "failed to run bootstrap"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, RoutingError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| RoutingError::Stopped)?;
+        rx.await.map_err(|_| RoutingError::Stopped)
+    }
+}
+
+#[async_trait]
+impl Router for P2pRouter {
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RoutingError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.call(|tx| Command::Advertise(keys, tx)).await
+    }
+
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RoutingError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.call(|tx| Command::Withdraw(keys, tx)).await
+    }
+
+    async fn lookup(&self, key: &str, count: usize) -> Result<mpsc::Receiver<Peer>, RoutingError> {
+        let key = key.to_string();
+        self.call(|reply| Command::Lookup {
+            key,
+            count: count.max(1),
+            reply,
+        })
+        .await
+    }
+}
+
+struct Lookup {
+    tx: mpsc::Sender<Peer>,
+    remaining: usize,
+    seen: HashSet<PeerId>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct PeerInfo {
+    ips: BTreeSet<IpAddr>,
+    registry_port: Option<u16>,
+}
+
+struct Leaving {
+    reply: oneshot::Sender<()>,
+    pending: HashSet<request_response::OutboundRequestId>,
+    deadline: tokio::time::Instant,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    lookups: HashMap<QueryId, Lookup>,
+    peers: HashMap<PeerId, PeerInfo>,
+    departed: HashSet<PeerId>,
+    provide_queue: VecDeque<RecordKey>,
+    provides: HashSet<QueryId>,
+    ready: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
+    registry_port: u16,
+    loopback_only: bool,
+    leaving: Option<Leaving>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            let leave_deadline = self.leaving.as_ref().map(|l| l.deadline);
+            tokio::select! {
+                command = self.commands.recv(), if self.leaving.is_none() => match command {
+                    Some(c) => self.command(c),
+                    // Every handle is gone: nothing can use the router any more.
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = tokio::time::sleep_until(leave_deadline.unwrap_or_else(tokio::time::Instant::now)),
+                    if leave_deadline.is_some() => {
+                    self.finish_leave();
+                    return;
+                }
+            }
+            if self.leaving.as_ref().is_some_and(|l| l.pending.is_empty()) {
+                self.finish_leave();
+                return;
+            }
+            self.pump_provides();
+            self.update_ready();
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Advertise(keys, reply) => {
+                for key in keys {
+                    self.provide_queue
+                        .push_back(RecordKey::new(&multihash_key(&key)));
+                }
+                let _ = reply.send(());
+            }
+            Command::Withdraw(keys, reply) => {
+                let record_keys: Vec<RecordKey> = keys
+                    .iter()
+                    .map(|k| RecordKey::new(&multihash_key(k)))
+                    .collect();
+                let withdrawn: HashSet<&RecordKey> = record_keys.iter().collect();
+                self.provide_queue.retain(|k| !withdrawn.contains(k));
+                for key in &record_keys {
+                    self.swarm.behaviour_mut().kad.stop_providing(key);
+                }
+                // Peers that stored our records drop them now rather than at expiry.
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
+                    let notice = Notice::Withdraw(chunk.iter().map(|k| k.to_vec()).collect());
+                    for peer in &peers {
+                        self.swarm
+                            .behaviour_mut()
+                            .notice
+                            .send_request(peer, notice.clone());
+                    }
+                }
+                let _ = reply.send(());
+            }
+            Command::Lookup { key, count, reply } => {
+                let (tx, rx) = mpsc::channel(count);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(RecordKey::new(&multihash_key(&key)));
+                self.lookups.insert(
+                    id,
+                    Lookup {
+                        tx,
+                        remaining: count,
+                        seen: HashSet::new(),
+                        started: Instant::now(),
+                    },
+                );
+                let _ = reply.send(rx);
+            }
+            Command::Dial(addrs) => {
+                let own: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                for addr in addrs {
+                    if own.contains(&addr) {
+                        continue;
+                    }
+                    // A fresh source port: reusing our listen port can self-connect when peers
+                    // share the port on one host (a dial to ourselves through another address).
+                    let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id()
+                        .address(addr.clone())
+                        .allocate_new_port()
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%addr, error = %e, "bootstrap dial failed");
+                    }
+                }
+            }
+            Command::Shutdown(reply) => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                let pending = peers
+                    .iter()
+                    .map(|p| {
+                        self.swarm
+                            .behaviour_mut()
+                            .notice
+                            .send_request(p, Notice::Leave)
+                    })
+                    .collect();
+                info!(peers = peers.len(), "leaving the cluster");
+                self.leaving = Some(Leaving {
+                    reply,
+                    pending,
+                    deadline: tokio::time::Instant::now() + Duration::from_secs(2),
+                });
+            }
+        }
+    }
+
+    fn finish_leave(&mut self) {
+        if let Some(leaving) = self.leaving.take() {
+            let _ = leaving.reply.send(());
+        }
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    fn pump_provides(&mut self) {
+        while self.provides.len() < MAX_PROVIDE_QUERIES {
+            let Some(key) = self.provide_queue.pop_front() else {
+                break;
+            };
+            match self.swarm.behaviour_mut().kad.start_providing(key) {
+                Ok(id) => {
+                    self.provides.insert(id);
+                }
+                Err(e) => warn!(error = %e, "cannot provide key"),
+            }
+        }
+    }
+
+    fn update_ready(&mut self) {
+        let table: usize = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        let connected = self.swarm.connected_peers().next().is_some();
+        self.ready.store(table > 0 && connected, Ordering::Relaxed);
+    }
+
+    fn refresh_shared(&mut self) {
+        let listen: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        let peers = self
+            .swarm
+            .connected_peers()
+            .map(|p| {
+                let ips = self
+                    .peers
+                    .get(p)
+                    .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
+                    .unwrap_or_default();
+                (p.to_string(), ips)
+            })
+            .collect();
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.listen = listen;
+        shared.peers = peers;
+    }
+
+    fn remember(&mut self, peer: PeerId, addr: &Multiaddr) {
+        if let Some(ip) = ip_of(addr) {
+            if !ip.is_unspecified() && (self.loopback_only || !ip.is_loopback()) {
+                self.peers.entry(peer).or_default().ips.insert(ip);
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let usable =
+                    ip_of(&address).is_some_and(|ip| self.loopback_only || !ip.is_loopback());
+                if usable {
+                    info!(%address, "router listening");
+                    self.swarm.add_external_address(address);
+                }
+                self.refresh_shared();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.remember(peer_id, endpoint.get_remote_address());
+                self.departed.remove(&peer_id);
+                self.refresh_shared();
+            }
+            SwarmEvent::ConnectionClosed {
+                num_established: 0, ..
+            } => self.refresh_shared(),
+            SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
+                self.remember(peer_id, &address)
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let port = registry_port_of(&info.agent_version);
+                self.peers.entry(peer_id).or_default().registry_port = port;
+                for addr in info.listen_addrs {
+                    let Some(ip) = ip_of(&addr) else { continue };
+                    if ip.is_unspecified() || (!self.loopback_only && ip.is_loopback()) {
+                        continue;
+                    }
+                    self.remember(peer_id, &addr);
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                self.refresh_shared();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                ..
+            })) => {
+                match result {
+                    QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })) => {
+                        self.found(id, providers);
+                    }
+                    QueryResult::GetProviders(Err(e)) => {
+                        debug!(error = %e, "provider lookup ended with an error")
+                    }
+                    QueryResult::StartProviding(result) => {
+                        self.provides.remove(&id);
+                        if let Err(e) = result {
+                            debug!(error = %e, "provide query incomplete");
+                        }
+                    }
+                    _ => {}
+                }
+                if step.last {
+                    // Dropping the sender closes the lookup's channel: "no more providers".
+                    self.lookups.remove(&id);
+                    self.provides.remove(&id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Notice(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    match request {
+                        Notice::Leave => {
+                            info!(%peer, "peer left the cluster");
+                            self.departed.insert(peer);
+                            self.swarm.behaviour_mut().kad.remove_peer(&peer);
+                        }
+                        Notice::Withdraw(keys) => {
+                            let store = self.swarm.behaviour_mut().kad.store_mut();
+                            for key in keys {
+                                kad::store::RecordStore::remove_provider(
+                                    store,
+                                    &RecordKey::from(key),
+                                    &peer,
+                                );
+                            }
+                        }
+                    }
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .notice
+                        .send_response(channel, Ack);
+                }
+                request_response::Message::Response { request_id, .. } => {
+                    if let Some(l) = self.leaving.as_mut() {
+                        l.pending.remove(&request_id);
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Notice(
+                request_response::Event::OutboundFailure { request_id, .. },
+            )) => {
+                if let Some(l) = self.leaving.as_mut() {
+                    l.pending.remove(&request_id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn found(&mut self, id: QueryId, providers: HashSet<PeerId>) {
+        let local = *self.swarm.local_peer_id();
+        let mut finished = false;
+        if let Some(lookup) = self.lookups.get_mut(&id) {
+            for provider in providers {
+                if provider == local
+                    || self.departed.contains(&provider)
+                    || !lookup.seen.insert(provider)
+                {
+                    continue;
+                }
+                let mut ips: BTreeSet<IpAddr> = self
+                    .peers
+                    .get(&provider)
+                    .map(|p| p.ips.clone())
+                    .unwrap_or_default();
+                if ips.is_empty() {
+                    // Fall back to what the routing table knows of the provider.
+                    for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                        for entry in bucket.iter() {
+                            if *entry.node.key.preimage() == provider {
+                                ips.extend(entry.node.value.iter().filter_map(ip_of));
+                            }
+                        }
+                    }
+                }
+                if ips.is_empty() {
+                    debug!(%provider, "provider without a known address");
+                    continue;
+                }
+                let port = self
+                    .peers
+                    .get(&provider)
+                    .and_then(|p| p.registry_port)
+                    .unwrap_or(self.registry_port);
+                let peer = Peer {
+                    id: provider.to_string(),
+                    addrs: ips
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, port))
+                        .collect(),
+                };
+                metrics::global()
+                    .resolve_duration
+                    .with_label_values(&["libp2p"])
+                    .observe(lookup.started.elapsed().as_secs_f64());
+                if lookup.tx.try_send(peer).is_err() {
+                    finished = true;
+                    break;
+                }
+                lookup.remaining -= 1;
+                if lookup.remaining == 0 {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        if finished {
+            self.lookups.remove(&id);
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+        }
+    }
+}
