@@ -62,6 +62,12 @@ impl Cluster {
         })
     }
 
+    /// Uses `bin` as the spegel binary instead of the default.
+    pub fn with_binary(mut self, bin: PathBuf) -> Self {
+        self.bin = bin;
+        self
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.nodes.len()

@@ -115,6 +115,17 @@ impl Network {
         self.nodes
     }
 
+    /// Limits what namespace `ns` sends on its link, e.g. `400mbit`.
+    pub fn shape(&self, ns: &str, rate: &str) -> anyhow::Result<()> {
+        in_ns(
+            ns,
+            &[
+                "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst",
+                "256kb", "latency", "100ms",
+            ],
+        )
+    }
+
     /// Limits the upstream's sending rate (what nodes download from it), e.g. `200mbit`.
     pub fn shape_upstream(&self, rate: &str) -> anyhow::Result<()> {
         in_ns(
