@@ -134,25 +134,28 @@ impl Cluster {
         args
     }
 
-    /// Runs `spegel configuration` then starts `spegel registry` with `args` on node `k`.
-    pub fn start_daemon_with(&mut self, k: usize, args: &[String]) -> anyhow::Result<()> {
-        let ns = self.net.node(k);
-        let node = &self.nodes[k - 1];
-        let target = format!("http://{}:{REGISTRY_PORT}", self.net.node_ip(k));
+    /// Runs `spegel <args>` to completion inside node `k`'s namespace (e.g. `configuration`).
+    pub fn run_in_node(&self, k: usize, args: &[String]) -> anyhow::Result<String> {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
+            .args(["netns", "exec", &self.net.node(k)])
             .arg(&self.bin)
-            .args(["configuration", "--containerd-registry-config-path"])
-            .arg(node.certs_d())
-            .args(["--mirror-targets", &target])
+            .args(args)
             .output()
-            .context("running spegel configuration")?;
+            .with_context(|| format!("running spegel {args:?}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         if !out.status.success() {
-            bail!(
-                "spegel configuration failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("spegel {args:?} failed: {text}");
         }
+        Ok(text)
+    }
+
+    /// Starts the long-running `spegel <args>` on node `k` and waits for its `/livez`.
+    pub fn spawn_daemon(&mut self, k: usize, args: &[String]) -> anyhow::Result<()> {
+        let ns = self.net.node(k);
         let log = self.dir.join(format!("node{k}/spegel.log"));
         let daemon = Daemon::start(&self.bin, args, &[], Some(&ns), &log, None)?;
         self.daemons[k - 1] = Some(daemon);
@@ -174,6 +177,21 @@ impl Cluster {
                 )
             },
         )
+    }
+
+    /// Runs `spegel configuration` then starts `spegel registry` with `args` on node `k`.
+    pub fn start_daemon_with(&mut self, k: usize, args: &[String]) -> anyhow::Result<()> {
+        let target = format!("http://{}:{REGISTRY_PORT}", self.net.node_ip(k));
+        let certs = self.nodes[k - 1].certs_d().to_string_lossy().into_owned();
+        let config = [
+            "configuration",
+            "--containerd-registry-config-path",
+            &certs,
+            "--mirror-targets",
+            &target,
+        ];
+        self.run_in_node(k, &config.map(String::from))?;
+        self.spawn_daemon(k, args)
     }
 
     /// Starts the daemon on node `k` with the chart's arguments.
