@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod http;
 pub mod images;
 pub mod netns;
+pub mod p2p;
 pub mod process;
 pub mod registry;
 pub mod serve;

@@ -25,10 +25,31 @@ enum Bench {
         #[arg(long, default_value = "target/bench/serve")]
         output: PathBuf,
     },
+    /// Peer-to-peer on a 3-node testbed: hit latency, miss penalty, large pull peer vs registry.
+    P2p {
+        /// Repetitions of each measurement.
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
+        /// Size of the large image in MiB.
+        #[arg(long, default_value_t = 128)]
+        large_mib: u64,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/p2p")]
+        output: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
+        Bench::P2p { runs, large_mib, output } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::p2p::run(work.path(), runs.max(1), large_mib)?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(output.join("p2p.json"), serde_json::to_vec_pretty(&report)?)?;
+            let table = bench::p2p::table(&report);
+            std::fs::write(output.join("p2p.md"), &table)?;
+            println!("{table}");
+        }
         Bench::Serve {
             size_mib,
             runs,
