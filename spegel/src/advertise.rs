@@ -194,10 +194,10 @@ impl Advertiser {
                 added.push(key.clone());
             }
         }
-        if !added.is_empty() {
-            if let Err(e) = self.router.advertise(added).await {
-                warn!(error = %e, "advertise failed");
-            }
+        if !added.is_empty()
+            && let Err(e) = self.router.advertise(added).await
+        {
+            warn!(error = %e, "advertise failed");
         }
         if let Some(old) = old {
             self.release(&old).await;
@@ -221,10 +221,10 @@ impl Advertiser {
                 }
             }
         }
-        if !gone.is_empty() {
-            if let Err(e) = self.router.withdraw(gone).await {
-                warn!(error = %e, "withdraw failed");
-            }
+        if !gone.is_empty()
+            && let Err(e) = self.router.withdraw(gone).await
+        {
+            warn!(error = %e, "withdraw failed");
         }
     }
 

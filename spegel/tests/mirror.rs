@@ -775,7 +775,7 @@ async fn broken_body_resumes_on_another_peer() {
         // Under load the good peer may also have been asked by a hedge of the first race (and
         // lost); the resume is its last request.
         let log = good.log.lock().unwrap();
-        let half = (end - start + 1) / 2;
+        let half = (end - start).div_ceil(2);
         assert_eq!(
             log.last().and_then(|s| s.header("range")),
             Some(format!("bytes={}-{end}", start + half).as_str())

@@ -28,12 +28,11 @@ pub fn fingerprint_media_type(data: &[u8]) -> &'static str {
         return OCTET_STREAM;
     };
     let schema_v2 = map.get("schemaVersion").and_then(|v| v.as_i64()) == Some(2);
-    if schema_v2 {
-        if let Some(mt) = map.get("mediaType").and_then(|v| v.as_str()) {
-            if let Some(known) = MANIFEST_MEDIA_TYPES.iter().find(|m| **m == mt) {
-                return known;
-            }
-        }
+    if schema_v2
+        && let Some(mt) = map.get("mediaType").and_then(|v| v.as_str())
+        && let Some(known) = MANIFEST_MEDIA_TYPES.iter().find(|m| **m == mt)
+    {
+        return known;
     }
     if map.get("manifests").is_some_and(|v| v.is_array()) {
         return OCI_INDEX;

@@ -246,12 +246,11 @@ mod tests {
     proptest! {
         #[test]
         fn resolved_ranges_are_in_bounds(header in "\\PC{0,30}", size in 0u64..10_000) {
-            if let Ok(r) = header.parse::<ByteRange>() {
-                if let Ok(cr) = r.resolve(size) {
+            if let Ok(r) = header.parse::<ByteRange>()
+                && let Ok(cr) = r.resolve(size) {
                     prop_assert!(cr.start <= cr.end && cr.end < size);
                     prop_assert_eq!(cr.len(), cr.end - cr.start + 1);
                 }
-            }
         }
 
         #[test]

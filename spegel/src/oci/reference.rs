@@ -105,10 +105,10 @@ impl Reference {
             Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
             None => (rest, None),
         };
-        if let Some(t) = tag {
-            if !TAG_RE.is_match(t) {
-                return Err(ReferenceError::Tag(t.to_string()));
-            }
+        if let Some(t) = tag
+            && !TAG_RE.is_match(t)
+        {
+            return Err(ReferenceError::Tag(t.to_string()));
         }
         let (registry, repository) = match path.split_once('/') {
             Some((first, repo))

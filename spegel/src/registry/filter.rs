@@ -68,10 +68,10 @@ impl Filters {
 
     /// Whether `reference` must not be mirrored nor advertised.
     pub fn is_filtered(&self, reference: &Reference) -> bool {
-        if let Some(hosts) = &self.whitelist {
-            if !hosts.iter().any(|h| *h == reference.registry) {
-                return true;
-            }
+        if let Some(hosts) = &self.whitelist
+            && !hosts.contains(&reference.registry)
+        {
+            return true;
         }
         if self.regexes.is_empty() {
             return false;

@@ -94,14 +94,14 @@ impl Registry {
             p if p.starts_with("/v2/") => {}
             _ => return Response::empty(404),
         }
-        if let Some(auth) = &self.auth {
-            if !auth.verify(req.header("authorization")) {
-                return oci_error(
-                    401,
-                    OciError::new(ErrorCode::Unauthorized, "invalid credentials"),
-                    head,
-                );
-            }
+        if let Some(auth) = &self.auth
+            && !auth.verify(req.header("authorization"))
+        {
+            return oci_error(
+                401,
+                OciError::new(ErrorCode::Unauthorized, "invalid credentials"),
+                head,
+            );
         }
         if req.path == "/v2/" {
             return Response::empty(200);

@@ -187,10 +187,10 @@ async fn http_peers(url: &str) -> Result<Vec<Multiaddr>, RoutingError> {
             let Ok(mut addr) = a.parse::<Multiaddr>() else {
                 continue;
             };
-            if !info.id.is_empty() {
-                if let Ok(id) = info.id.parse() {
-                    addr = addr.with(Protocol::P2p(id));
-                }
+            if !info.id.is_empty()
+                && let Ok(id) = info.id.parse()
+            {
+                addr = addr.with(Protocol::P2p(id));
             }
             out.push(addr);
         }

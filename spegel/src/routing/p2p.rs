@@ -540,10 +540,11 @@ impl EventLoop {
     }
 
     fn remember(&mut self, peer: PeerId, addr: &Multiaddr) {
-        if let Some(ip) = ip_of(addr) {
-            if !ip.is_unspecified() && (self.loopback_only || !ip.is_loopback()) {
-                self.peers.entry(peer).or_default().ips.insert(ip);
-            }
+        if let Some(ip) = ip_of(addr)
+            && !ip.is_unspecified()
+            && (self.loopback_only || !ip.is_loopback())
+        {
+            self.peers.entry(peer).or_default().ips.insert(ip);
         }
     }
 

@@ -306,10 +306,10 @@ impl Store for ContainerdStore {
         digest: &Digest,
         range: Option<ContentRange>,
     ) -> Result<Content, StoreError> {
-        if let Some(root) = &self.content_root {
-            if let Some(file) = self.open_file(root, digest)? {
-                return Ok(Content::File(file));
-            }
+        if let Some(root) = &self.content_root
+            && let Some(file) = self.open_file(root, digest)?
+        {
+            return Ok(Content::File(file));
         }
         Ok(Content::Stream(self.read_stream(digest, range).await?))
     }
