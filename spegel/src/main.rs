@@ -93,6 +93,7 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
     let router_port = parse_listen_addr(&args.router_addr)
         .map_err(anyhow::Error::msg)?
         .port();
+    let bootstrap = Bootstrapper::from_args(&args, router_port)?;
     let store: Arc<dyn Store> = Arc::new(
         ContainerdStore::connect(ContainerdStoreConfig {
             socket: args.containerd_sock.clone(),
@@ -108,7 +109,6 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on metrics address {}", args.metrics_addr))?;
 
-    let bootstrap = Bootstrapper::from_args(&args, router_port)?;
     let (router, router_task) = P2pRouter::start(P2pConfig {
         router_addr: args.router_addr.clone(),
         registry_port,

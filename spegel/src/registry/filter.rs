@@ -11,7 +11,7 @@ pub enum FilterError {
     #[error("invalid mirrored registry {0:?}: expected a URL such as https://docker.io")]
     Registry(String),
     /// A `--registry-filters` entry is not a valid regex.
-    #[error("invalid registry filter {pattern:?}: {source}")]
+    #[error("invalid registry filter {pattern:?}")]
     Regex {
         /// The offending pattern.
         pattern: String,
