@@ -50,14 +50,27 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
 
     // Hit and miss latency of single requests.
     eprintln!("measuring hit and miss request latency");
-    let small = cluster.push(&ImageSpec { repo: "p2p/small".into(), tag: "v1".into(), layers: vec![1 << 20], seed: 1, platforms: vec![] })?;
+    let small = cluster.push(&ImageSpec {
+        repo: "p2p/small".into(),
+        tag: "v1".into(),
+        layers: vec![1 << 20],
+        seed: 1,
+        platforms: vec![],
+    })?;
     cluster.node(1).pull(&small.reference, false)?;
-    let layer = small.of_kind(BlobKind::Layer).next().context("layer")?.digest.clone();
+    let layer = small
+        .of_kind(BlobKind::Layer)
+        .next()
+        .context("layer")?
+        .digest
+        .clone();
     let target = format!("/v2/{}/blobs/{layer}?ns={ns}", small.repo);
     let node1 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(1));
     let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
     crate::process::wait_for("advertisement", Duration::from_secs(30), || {
-        cluster.get_from(2, &node2, &target, &[]).is_ok_and(|r| r.status == 200)
+        cluster
+            .get_from(2, &node2, &target, &[])
+            .is_ok_and(|r| r.status == 200)
     })?;
     let head_times = |addr: &str, target: &str, expect: u16| -> anyhow::Result<Vec<f64>> {
         let addr: std::net::SocketAddr = addr.parse()?;
@@ -69,7 +82,11 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
                 let t = Instant::now();
                 let r = crate::http::request(addr, "HEAD", &target, &[], false)?;
                 out.push(ms(t.elapsed()));
-                anyhow::ensure!(r.status == expect, "HEAD {target}: {} (expected {expect})", r.status);
+                anyhow::ensure!(
+                    r.status == expect,
+                    "HEAD {target}: {} (expected {expect})",
+                    r.status
+                );
             }
             Ok(out)
         })
@@ -87,7 +104,13 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
     let mut without = Vec::new();
     for i in 0..runs {
         for mirror in [true, false] {
-            let spec = ImageSpec { repo: format!("p2p/miss-{i}-{mirror}"), tag: "v1".into(), layers: vec![256 << 10, 256 << 10], seed: 100 + i as u64, platforms: vec![] };
+            let spec = ImageSpec {
+                repo: format!("p2p/miss-{i}-{mirror}"),
+                tag: "v1".into(),
+                layers: vec![256 << 10, 256 << 10],
+                seed: 100 + i as u64,
+                platforms: vec![],
+            };
             let image = cluster.push(&spec)?;
             if mirror {
                 if parked.exists() {
@@ -110,11 +133,19 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
     let mut from_peer = Vec::new();
     for i in 0..runs.min(3) {
         cluster.upstream().resume()?;
-        let image = cluster.push(&ImageSpec { repo: format!("p2p/large-{i}"), tag: "v1".into(), layers: vec![large_mib << 20], seed: 500 + i as u64, platforms: vec![] })?;
+        let image = cluster.push(&ImageSpec {
+            repo: format!("p2p/large-{i}"),
+            tag: "v1".into(),
+            layers: vec![large_mib << 20],
+            seed: 500 + i as u64,
+            platforms: vec![],
+        })?;
         from_registry.push(ms(cluster.node(1).pull(&image.reference, false)?.duration));
         let probe = format!("/v2/{}/manifests/v1?ns={ns}", image.repo);
         crate::process::wait_for("advertisement", Duration::from_secs(30), || {
-            cluster.get_from(2, &node2, &probe, &[]).is_ok_and(|r| r.status == 200)
+            cluster
+                .get_from(2, &node2, &probe, &[])
+                .is_ok_and(|r| r.status == 200)
         })?;
         cluster.upstream().pause();
         from_peer.push(ms(cluster.node(2).pull(&image.reference, false)?.duration));
@@ -141,13 +172,33 @@ pub fn table(r: &Report) -> String {
     for (name, v) in [
         ("HEAD blob, local content (no lookup)", &r.local_head_ms),
         ("HEAD blob via mirror, hit (lookup + peer)", &r.hit_head_ms),
-        ("HEAD blob via mirror, miss (lookup says none)", &r.miss_head_ms),
-        ("pull, image no peer has, mirror configured", &r.miss_pull_with_mirror_ms),
-        ("pull, image no peer has, no mirror", &r.miss_pull_without_mirror_ms),
-        ("pull large image from the registry", &r.large_from_registry_ms),
-        ("pull large image from a peer (registry down)", &r.large_from_peer_ms),
+        (
+            "HEAD blob via mirror, miss (lookup says none)",
+            &r.miss_head_ms,
+        ),
+        (
+            "pull, image no peer has, mirror configured",
+            &r.miss_pull_with_mirror_ms,
+        ),
+        (
+            "pull, image no peer has, no mirror",
+            &r.miss_pull_without_mirror_ms,
+        ),
+        (
+            "pull large image from the registry",
+            &r.large_from_registry_ms,
+        ),
+        (
+            "pull large image from a peer (registry down)",
+            &r.large_from_peer_ms,
+        ),
     ] {
-        out.push_str(&format!("| {name} | {:.2} | {:.2} | {} |\n", p(v, 50.0), p(v, 99.0), v.len()));
+        out.push_str(&format!(
+            "| {name} | {:.2} | {:.2} | {} |\n",
+            p(v, 50.0),
+            p(v, 99.0),
+            v.len()
+        ));
     }
     let penalty = p(&r.miss_pull_with_mirror_ms, 50.0) - p(&r.miss_pull_without_mirror_ms, 50.0);
     let lookup = p(&r.hit_head_ms, 50.0) - p(&r.local_head_ms, 50.0);

@@ -41,7 +41,11 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
-        Bench::P2p { runs, large_mib, output } => {
+        Bench::P2p {
+            runs,
+            large_mib,
+            output,
+        } => {
             let work = tempfile::tempdir()?;
             let report = bench::p2p::run(work.path(), runs.max(1), large_mib)?;
             std::fs::create_dir_all(&output)?;
