@@ -159,23 +159,10 @@ impl Cluster {
         let log = self.dir.join(format!("node{k}/spegel.log"));
         let daemon = Daemon::start(&self.bin, args, &[], Some(&ns), &log, None)?;
         self.daemons[k - 1] = Some(daemon);
-        let port = REGISTRY_PORT.to_string();
         wait_for(
             &format!("spegel on node {k}"),
             Duration::from_secs(30),
-            || {
-                exec_ok(
-                    &ns,
-                    "busybox",
-                    &[
-                        "wget",
-                        "-q",
-                        "-O",
-                        "/dev/null",
-                        &format!("http://127.0.0.1:{port}/livez"),
-                    ],
-                )
-            },
+            || self.probe(k, "/livez"),
         )
     }
 
@@ -248,21 +235,20 @@ impl Cluster {
         })
     }
 
+    /// Whether node `k`'s daemon answers 200 on `path` (asked from inside its namespace).
+    pub fn probe(&self, k: usize, path: &str) -> bool {
+        let url = format!("http://127.0.0.1:{REGISTRY_PORT}{path}");
+        exec_ok(
+            &self.net.node(k),
+            "busybox",
+            &["wget", "-q", "-O", "/dev/null", &url],
+        )
+    }
+
     /// Waits until node `k`'s daemon reports ready.
     pub fn wait_ready(&self, k: usize, timeout: Duration) -> anyhow::Result<()> {
-        let ns = self.net.node(k);
         wait_for(&format!("node {k} ready"), timeout, || {
-            exec_ok(
-                &ns,
-                "busybox",
-                &[
-                    "wget",
-                    "-q",
-                    "-O",
-                    "/dev/null",
-                    &format!("http://127.0.0.1:{REGISTRY_PORT}/readyz"),
-                ],
-            )
+            self.probe(k, "/readyz")
         })
     }
 }

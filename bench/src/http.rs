@@ -43,15 +43,43 @@ pub fn request(
     headers: &[(&str, &str)],
     keep_body: bool,
 ) -> anyhow::Result<Response> {
+    request_with_body(addr, method, target, headers, None, keep_body)
+}
+
+/// A request body: its length and a writer that produces exactly that many bytes.
+pub type BodyWriter<'a> = (
+    u64,
+    &'a mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+);
+
+/// Sends one request with an optional streamed body.
+pub fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<BodyWriter<'_>>,
+    keep_body: bool,
+) -> anyhow::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some((len, _)) = &body {
+        head.push_str(&format!("Content-Length: {len}\r\n"));
+    }
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut stream);
+        w.write_all(head.as_bytes())?;
+        if let Some((_, write)) = body {
+            write(&mut w)?;
+        }
+        w.flush()?;
+    }
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;

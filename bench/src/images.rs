@@ -1,10 +1,6 @@
 //! Deterministic OCI images of incompressible data, pushed through the distribution API.
 
-use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{io::Write, net::SocketAddr};
 
 use anyhow::{Context, bail};
 use rand::{RngCore, SeedableRng, rngs::StdRng};
@@ -155,21 +151,6 @@ struct Client {
     addr: SocketAddr,
 }
 
-struct HttpResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 impl Client {
     fn request(
         &self,
@@ -178,50 +159,10 @@ impl Client {
         headers: &[(&str, &str)],
         body_len: u64,
         body: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
-    ) -> anyhow::Result<HttpResponse> {
-        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to registry {}", self.addr))?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let mut head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {body_len}\r\n",
-            self.addr
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut stream);
-        w.write_all(head.as_bytes())?;
-        body(&mut w)?;
-        w.flush()?;
-        drop(w);
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("bad status line")?;
-        let mut headers = Vec::new();
-        loop {
-            line.clear();
-            reader.read_line(&mut line)?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        let mut body = Vec::new();
-        reader.read_to_end(&mut body)?;
-        Ok(HttpResponse {
-            status,
-            headers,
-            body,
-        })
+    ) -> anyhow::Result<crate::http::Response> {
+        let body = (method != "HEAD").then_some((body_len, body));
+        crate::http::request_with_body(self.addr, method, target, headers, body, true)
+            .with_context(|| format!("{method} {target} on registry {}", self.addr))
     }
 
     fn push_blob(

@@ -99,25 +99,12 @@ pub async fn run_cleanup(
 ) -> Result<(), CleanupError> {
     cleanup_mirror_configuration(&args.containerd_registry_config_path)?;
     let addr = parse_listen_addr(&args.addr).map_err(CleanupError::InvalidAddr)?;
-    let listener = bind(addr).await?;
+    let listener = crate::config::bind_listen_addr(&args.addr)
+        .await
+        .map_err(|cause| CleanupError::Bind { addr, cause })?;
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %local, "waiting to be shutdown");
     serve_probe(listener, shutdown).await
-}
-
-// `:port` means all interfaces; fall back to IPv4 where the node has IPv6 disabled, as Go does.
-async fn bind(addr: SocketAddr) -> Result<TcpListener, CleanupError> {
-    match TcpListener::bind(addr).await {
-        Ok(listener) => Ok(listener),
-        Err(cause) if addr.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
-            let v4 = SocketAddr::new(IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED), addr.port());
-            tracing::debug!(error = %cause, "IPv6 listen failed, using IPv4");
-            TcpListener::bind(v4)
-                .await
-                .map_err(|cause| CleanupError::Bind { addr: v4, cause })
-        }
-        Err(cause) => Err(CleanupError::Bind { addr, cause }),
-    }
 }
 
 /// Serves the cleanup readiness probe on `listener` until `shutdown` completes.
