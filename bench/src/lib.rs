@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod daemon;
 pub mod http;
+pub mod image;
 pub mod images;
 pub mod netns;
 pub mod p2p;

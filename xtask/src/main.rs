@@ -33,7 +33,16 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (`serve`, `pull`); see `cargo xtask bench -- --help`.
+    /// Build the container image (OCI layout and `oci-archive` tar) without a Docker engine.
+    Image {
+        /// Output directory.
+        #[arg(long, default_value = "target/image")]
+        output: PathBuf,
+        /// Image reference recorded in the archive.
+        #[arg(long, default_value = concat!("ghcr.io/spegel-rs/spegel:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+    },
+    /// Run a benchmark (`serve`, `p2p`, `pull`); see `cargo xtask bench -- --help`.
     Bench {
         /// Benchmark name and its arguments.
         #[arg(trailing_var_arg = true)]
@@ -51,6 +60,26 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { args } => {
             deps::install()?;
             run_bench_binary(&root, "demo", &args)
+        }
+        Task::Image { output, tag } => {
+            run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "spegel",
+                "--bin",
+                "spegel",
+            ]))?;
+            let image = bench::image::build(&root.join("target/release/spegel"), &output, &tag)?;
+            println!(
+                "built {} ({}, layer {} MiB)\n  layout:  {}\n  archive: {} (ctr images import)",
+                image.reference,
+                image.digest,
+                image.layer_size >> 20,
+                image.layout.display(),
+                image.archive.display()
+            );
+            Ok(())
         }
         Task::Bench { args } => {
             deps::install()?;
