@@ -155,8 +155,9 @@ pub struct RegistryArgs {
     /// Registries to mirror; others get 404 and are not advertised. Empty mirrors all.
     #[arg(long, env = "MIRRORED_REGISTRIES", num_args = 0.., value_delimiter = ',')]
     pub mirrored_registries: Vec<String>,
-    /// Regexes over `registry/repository[:tag]`; a match is not mirrored.
-    #[arg(long, env = "REGISTRY_FILTERS", num_args = 0.., value_delimiter = ',')]
+    /// Regexes over `registry/repository[:tag]`; a match is not mirrored. Each value is one
+    /// regex (commas allowed); from the environment, REGISTRY_FILTERS is comma-separated.
+    #[arg(long, num_args = 0..)]
     pub registry_filters: Vec<String>,
     /// Longest wait for a new peer while no fetch is in flight.
     #[arg(long, env = "MIRROR_RESOLVE_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
@@ -191,6 +192,27 @@ pub struct RegistryArgs {
     /// How long a provider record lives without being re-provided.
     #[arg(long, env = "ADVERTISE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub advertise_ttl: Duration,
+}
+
+impl RegistryArgs {
+    /// The registry filters: the flag's values, else `REGISTRY_FILTERS` split on commas.
+    ///
+    /// Not a clap delimiter, which would also split a regex such as `a{1,3}` given on the
+    /// command line.
+    pub fn effective_registry_filters(&self) -> Vec<String> {
+        if !self.registry_filters.is_empty() {
+            return self.registry_filters.clone();
+        }
+        std::env::var("REGISTRY_FILTERS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Error returned for an unparsable Go-style duration.
@@ -337,11 +359,18 @@ mod tests {
         assert_eq!(args.mirror_resolve_retries, 3);
         assert_eq!(args.registry_addr, ":5000");
 
-        let cli = Cli::try_parse_from(["spegel", "registry", "--registry-filters", "a,b"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "spegel",
+            "registry",
+            "--registry-filters",
+            "a{1,3}",
+            ":latest$",
+        ])
+        .unwrap();
         let Command::Registry(args) = cli.command else {
             panic!("expected registry")
         };
-        assert_eq!(args.registry_filters, ["a", "b"]);
+        assert_eq!(args.effective_registry_filters(), ["a{1,3}", ":latest$"]);
     }
 
     #[test]

@@ -85,7 +85,10 @@ async fn shutdown_signal() {
 }
 
 async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
-    let filters = Filters::new(&args.mirrored_registries, &args.registry_filters)?;
+    let filters = Filters::new(
+        &args.mirrored_registries,
+        &args.effective_registry_filters(),
+    )?;
     let basic_auth = auth::load(std::path::Path::new(auth::DEFAULT_DIR))?;
     let registry_port = parse_listen_addr(&args.registry_addr)
         .map_err(anyhow::Error::msg)?
