@@ -62,14 +62,7 @@ fn main() -> anyhow::Result<()> {
             run_bench_binary(&root, "demo", &args)
         }
         Task::Image { output, tag } => {
-            run(Command::new("cargo").args([
-                "build",
-                "--release",
-                "-p",
-                "spegel",
-                "--bin",
-                "spegel",
-            ]))?;
+            build_daemon()?;
             let image = bench::image::build(&root.join("target/release/spegel"), &output, &tag)?;
             println!(
                 "built {} ({}, layer {} MiB)\n  layout:  {}\n  archive: {} (ctr images import)",
@@ -109,7 +102,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     deps::install()?;
     deps::prepare_kernel();
     // Build the daemon first: integration tests run it as a separate process, as users do.
-    run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel"]))?;
+    build_daemon()?;
     let mut rust = Command::new("cargo");
     rust.args(["test", "--workspace", "--release"])
         .args(args)
@@ -123,6 +116,11 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     rust_result.and(chart_result)
+}
+
+/// Release build of the daemon, which tests, the demo and benchmarks run as a process.
+fn build_daemon() -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["build", "--release", "-p", "spegel", "--bin", "spegel"]))
 }
 
 fn run_bench_binary(root: &Path, bin: &str, args: &[String]) -> anyhow::Result<()> {
