@@ -88,6 +88,11 @@ impl Cluster {
         &self.net
     }
 
+    /// Adds a host namespace (e.g. a central cache) at `addr` on the cluster's bridge.
+    pub fn add_host(&mut self, name: &str, addr: &str) -> anyhow::Result<String> {
+        self.net.add_host(name, addr)
+    }
+
     /// The upstream registry.
     pub fn upstream(&mut self) -> &mut Upstream {
         &mut self.upstream

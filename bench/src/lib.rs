@@ -9,6 +9,7 @@ pub mod images;
 pub mod netns;
 pub mod p2p;
 pub mod process;
+pub mod pull;
 pub mod registry;
 pub mod serve;
 pub mod stats;

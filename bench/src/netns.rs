@@ -126,6 +126,42 @@ impl Network {
         )
     }
 
+    /// Adds one more host namespace on the bridge with address `addr` (10.99.0.x, not a
+    /// node's or the upstream's) and returns its name; `name` is a short suffix, e.g. `cache`.
+    pub fn add_host(&mut self, name: &str, addr: &str) -> anyhow::Result<String> {
+        let taken = (1..=self.nodes)
+            .map(|k| self.node_ip(k))
+            .chain([UPSTREAM_IP.to_string()])
+            .any(|a| a == addr);
+        if taken || !addr.starts_with("10.99.0.") {
+            bail!("address {addr} is taken or outside 10.99.0.0/24");
+        }
+        let ns = format!("{}-{name}", self.prefix);
+        let hub = format!("{}-hub", self.prefix);
+        let id = self.prefix.rsplit('x').next().unwrap_or("0");
+        // Continues `create`'s numbering so the hub-side veth name stays unique (≤ 15 bytes).
+        let hub_end = format!(
+            "v{}x{id}h{}",
+            std::process::id() % 10_000,
+            self.namespaces.len() - 1
+        );
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ip(&[
+            "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["link", "set", &hub_end, "netns", &hub])?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
+        in_ns(
+            &ns,
+            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        )?;
+        in_ns(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        in_ns(&ns, &["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Limits the upstream's sending rate (what nodes download from it), e.g. `200mbit`.
     pub fn shape_upstream(&self, rate: &str) -> anyhow::Result<()> {
         in_ns(
@@ -136,6 +172,24 @@ impl Network {
             ],
         )
     }
+}
+
+/// Bytes namespace `ns` has sent on its `eth0` (the kernel's counter, read from inside it).
+pub fn tx_bytes(ns: &str) -> anyhow::Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .output()
+        .context("reading tx_bytes")?;
+    if !out.status.success() {
+        bail!(
+            "reading tx_bytes in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("tx_bytes of {ns} is not a number"))
 }
 
 impl Drop for Network {

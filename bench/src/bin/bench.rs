@@ -1,6 +1,9 @@
-//! Benchmarks: `bench serve` (data path against nginx).
+//! Benchmarks: `bench serve` (data path against nginx), `bench p2p`, `bench pull` (cluster
+//! pulls under three setups).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
+
+use bench::pull::{Setup, Size};
 
 use clap::{Parser, Subcommand};
 
@@ -37,10 +40,93 @@ enum Bench {
         #[arg(long, default_value = "target/bench/p2p")]
         output: PathBuf,
     },
+    /// The original's cluster benchmark: every node pulls a new image at once ("create"), then a
+    /// rolling update in 20 % batches ("update"), with no mirror, with spegel and with a central
+    /// pull-through cache; the upstream link is shaped with tc.
+    Pull {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Image sizes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024).
+        #[arg(long, value_delimiter = ',', default_value = "10MB,100MB")]
+        sizes: Vec<Size>,
+        /// Layer counts; every size is run with each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        layers: Vec<usize>,
+        /// Divide every size by this (for small machines).
+        #[arg(long, default_value_t = 1)]
+        scale: u64,
+        /// Upstream link rate as tc understands it (e.g. 200mbit, 1gbit); `none` leaves it
+        /// unshaped.
+        #[arg(long, default_value = "200mbit")]
+        rate: String,
+        /// Repetitions of every case, each with its own images.
+        #[arg(long, short = 'r', default_value_t = 1)]
+        repetitions: usize,
+        /// Setups to compare.
+        #[arg(long, value_delimiter = ',', default_value = "baseline,spegel,central-cache")]
+        setups: Vec<Setup>,
+        /// Nodes per update batch, percent (a DaemonSet's maxUnavailable).
+        #[arg(long, default_value_t = 20)]
+        update_batch_percent: u32,
+        /// Pause between update batches, milliseconds (a rolled pod becoming ready).
+        #[arg(long, default_value_t = 1000)]
+        batch_gap_ms: u64,
+        /// Timeout of one node's pull, seconds.
+        #[arg(long, default_value_t = 900)]
+        pull_timeout_s: u64,
+        /// Where results (JSON, Markdown, SVG) are written.
+        #[arg(long, default_value = "target/bench/pull")]
+        output: PathBuf,
+        /// Working directory for the testbed (default: a temporary directory, removed after).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
+        Bench::Pull {
+            nodes,
+            sizes,
+            layers,
+            scale,
+            rate,
+            repetitions,
+            setups,
+            update_batch_percent,
+            batch_gap_ms,
+            pull_timeout_s,
+            output,
+            work,
+        } => {
+            let temp = tempfile::tempdir()?;
+            let config = bench::pull::Config {
+                nodes,
+                sizes,
+                layer_counts: layers,
+                scale,
+                rate: (rate != "none").then_some(rate),
+                repetitions,
+                setups,
+                update_batch_percent,
+                batch_gap: Duration::from_millis(batch_gap_ms),
+                pull_timeout: Duration::from_secs(pull_timeout_s),
+                work: work.unwrap_or_else(|| temp.path().to_path_buf()),
+            };
+            let mut progress = bench::pull::Progress::new();
+            let report = bench::pull::run(&config, &mut progress)?;
+            let [json, md, svg] = bench::pull::report::write(&report, &output)?;
+            println!("{}", bench::pull::report::markdown(&report));
+            println!(
+                "raw figures: {}
+table: {}
+chart: {}",
+                json.display(),
+                md.display(),
+                svg.display()
+            );
+        }
         Bench::P2p {
             runs,
             large_mib,
