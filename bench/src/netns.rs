@@ -177,7 +177,13 @@ impl Network {
 /// Bytes namespace `ns` has sent on its `eth0` (the kernel's counter, read from inside it).
 pub fn tx_bytes(ns: &str) -> anyhow::Result<u64> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            "/sys/class/net/eth0/statistics/tx_bytes",
+        ])
         .output()
         .context("reading tx_bytes")?;
     if !out.status.success() {

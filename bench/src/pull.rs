@@ -131,7 +131,11 @@ impl FromStr for Size {
             "kib" => 1 << 10,
             "mib" => 1 << 20,
             "gib" => 1 << 30,
-            u => return Err(format!("unknown unit {u:?} in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
+            u => {
+                return Err(format!(
+                    "unknown unit {u:?} in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+                ));
+            }
         };
         let bytes = (value * mult as f64).round() as u64;
         if bytes == 0 {
@@ -174,7 +178,10 @@ pub struct Config {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -436,8 +443,8 @@ pub fn real_pid(pid: u32) -> u32 {
     if comm.trim() != "ip" {
         return pid;
     }
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     children
         .split_whitespace()
         .find_map(|c| c.parse().ok())
@@ -559,9 +566,10 @@ fn verify(node: &Containerd, image: &PushedImage) -> anyhow::Result<(String, boo
         })
         .next()
         .with_context(|| format!("{} is not in containerd's image list", image.reference))?;
-    let blobs_ok = image.blobs.iter().all(|b| {
-        std::fs::metadata(node.blob_path(&b.digest)).is_ok_and(|m| m.len() == b.size)
-    });
+    let blobs_ok = image
+        .blobs
+        .iter()
+        .all(|b| std::fs::metadata(node.blob_path(&b.digest)).is_ok_and(|m| m.len() == b.size));
     Ok((digest.clone(), blobs_ok && digest == image.digest))
 }
 
@@ -647,7 +655,8 @@ fn run_scenario(
                                 p.digest = Some(digest);
                                 p.digest_ok = ok;
                                 if !ok {
-                                    p.error = Some("digest or blobs differ from the pushed image".into());
+                                    p.error =
+                                        Some("digest or blobs differ from the pushed image".into());
                                 }
                             }
                             Err(e) => p.error = Some(format!("{e:#}")),
@@ -974,13 +983,19 @@ mod tests {
     #[test]
     fn update_batches_are_ceil_of_the_percentage() {
         let batches = |n, p| config(n, p).update_batches();
-        assert_eq!(batches(5, 20), vec![vec![1], vec![2], vec![3], vec![4], vec![5]]);
+        assert_eq!(
+            batches(5, 20),
+            vec![vec![1], vec![2], vec![3], vec![4], vec![5]]
+        );
         assert_eq!(batches(3, 20), vec![vec![1], vec![2], vec![3]]);
         assert_eq!(
             batches(10, 20),
             vec![vec![1, 2], vec![3, 4], vec![5, 6], vec![7, 8], vec![9, 10]]
         );
-        assert_eq!(batches(7, 20), vec![vec![1, 2], vec![3, 4], vec![5, 6], vec![7]]);
+        assert_eq!(
+            batches(7, 20),
+            vec![vec![1, 2], vec![3, 4], vec![5, 6], vec![7]]
+        );
         assert_eq!(batches(4, 100), vec![vec![1, 2, 3, 4]]);
         // Every node is in exactly one batch.
         for n in 1..30 {

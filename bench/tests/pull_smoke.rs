@@ -12,7 +12,14 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
     let nodes = 3;
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["pull", "--nodes", "3", "--sizes", "1MB", "--layers", "1,2"])
-        .args(["--repetitions", "1", "--rate", "200mbit", "--batch-gap-ms", "100"])
+        .args([
+            "--repetitions",
+            "1",
+            "--rate",
+            "200mbit",
+            "--batch-gap-ms",
+            "100",
+        ])
         .args(["--pull-timeout-s", "60", "--output"])
         .arg(&out)
         .arg("--work")
@@ -49,7 +56,10 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
         // The image crossed the upstream link at least once, and never more than once per
         // node, doubled for the proxy cache (which fetches a blob once per concurrent request
         // and once more to store it), plus headers.
-        assert!(run.upstream_tx_bytes >= run.image_bytes, "{what}: upstream bytes");
+        assert!(
+            run.upstream_tx_bytes >= run.image_bytes,
+            "{what}: upstream bytes"
+        );
         assert!(
             run.upstream_tx_bytes < 2 * (nodes as u64 + 1) * run.image_bytes * 11 / 10,
             "{what}: {} upstream bytes for a {}-byte image",
@@ -66,7 +76,10 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
             Setup::Baseline => {
                 assert!(run.processes.is_empty());
                 // Without a mirror every node fetches the whole image from upstream.
-                assert!(run.upstream_tx_bytes >= nodes as u64 * run.image_bytes, "{what}");
+                assert!(
+                    run.upstream_tx_bytes >= nodes as u64 * run.image_bytes,
+                    "{what}"
+                );
             }
             Setup::Spegel => {
                 assert_eq!(run.processes.len(), nodes, "{what}: one daemon per node");
@@ -75,7 +88,10 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
             Setup::CentralCache => {
                 assert_eq!(run.processes.len(), 1, "{what}: the cache");
                 // The nodes got the image from the cache, not around it.
-                assert!(run.cache_tx_bytes >= nodes as u64 * run.image_bytes, "{what}");
+                assert!(
+                    run.cache_tx_bytes >= nodes as u64 * run.image_bytes,
+                    "{what}"
+                );
             }
         }
     }
@@ -97,7 +113,12 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
     // Pushed images match what the runs pulled.
     let digests: HashSet<&str> = report.images.iter().map(|i| i.digest.as_str()).collect();
     assert_eq!(digests.len(), cases.len() * 2, "every image is distinct");
-    assert!(report.runs.iter().all(|r| digests.contains(r.digest.as_str())));
+    assert!(
+        report
+            .runs
+            .iter()
+            .all(|r| digests.contains(r.digest.as_str()))
+    );
 
     assert_eq!(report.summary.len(), report.runs.len());
     let table = std::fs::read_to_string(out.join("pull.md"))?;
@@ -109,7 +130,10 @@ fn tiny_pull_benchmark_is_complete_and_consistent() -> anyhow::Result<()> {
     let chart = std::fs::read_to_string(out.join("pull.svg"))?;
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     for setup in Setup::ALL {
-        assert!(chart.contains(&format!(">{setup}</text>")), "legend lacks {setup}");
+        assert!(
+            chart.contains(&format!(">{setup}</text>")),
+            "legend lacks {setup}"
+        );
     }
     Ok(())
 }

@@ -64,7 +64,11 @@ enum Bench {
         #[arg(long, short = 'r', default_value_t = 1)]
         repetitions: usize,
         /// Setups to compare.
-        #[arg(long, value_delimiter = ',', default_value = "baseline,spegel,central-cache")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "baseline,spegel,central-cache"
+        )]
         setups: Vec<Setup>,
         /// Nodes per update batch, percent (a DaemonSet's maxUnavailable).
         #[arg(long, default_value_t = 20)]

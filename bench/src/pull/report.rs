@@ -447,7 +447,10 @@ pub fn svg(report: &Report) -> String {
                 let Some(s) = rows.iter().find(|s| s.case == *case && s.setup == setup) else {
                     continue;
                 };
-                let colour = COLOURS.iter().find(|c| c.0 == setup).map_or("#000", |c| c.1);
+                let colour = COLOURS
+                    .iter()
+                    .find(|c| c.0 == setup)
+                    .map_or("#000", |c| c.1);
                 let x = gx + si as f64 * bar;
                 let h = scale(value(s));
                 out.push_str(&format!(
@@ -581,7 +584,13 @@ mod tests {
         let runs = vec![
             run(Setup::Spegel, Scenario::Update, 0, &[1.0, 2.0, 3.0], 1000),
             run(Setup::Baseline, Scenario::Create, 0, &[4.0, 5.0, 6.0], 3000),
-            run(Setup::Baseline, Scenario::Create, 1, &[7.0, 8.0, -1.0], 3500),
+            run(
+                Setup::Baseline,
+                Scenario::Create,
+                1,
+                &[7.0, 8.0, -1.0],
+                3500,
+            ),
             run(Setup::Spegel, Scenario::Create, 0, &[2.0, 2.0, 2.0], 3000),
         ];
         let s = summarise(&runs);
@@ -613,7 +622,13 @@ mod tests {
         let runs = vec![
             run(Setup::Baseline, Scenario::Update, 0, &[4.0, 4.0, 4.0], 3000),
             run(Setup::Spegel, Scenario::Update, 0, &[1.0, 1.0, 9.0], 1000),
-            run(Setup::CentralCache, Scenario::Update, 0, &[2.0, 2.0, 2.0], 1200),
+            run(
+                Setup::CentralCache,
+                Scenario::Update,
+                0,
+                &[2.0, 2.0, 2.0],
+                1200,
+            ),
         ];
         let w = winners(&summarise(&runs));
         assert_eq!(w.len(), 1);
