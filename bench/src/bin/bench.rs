@@ -85,11 +85,23 @@ enum Bench {
         /// Working directory for the testbed (default: a temporary directory, removed after).
         #[arg(long)]
         work: Option<PathBuf>,
+        /// Only write the table and chart again from an earlier run's `pull.json`.
+        #[arg(long)]
+        from_json: Option<PathBuf>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
+        Bench::Pull {
+            output,
+            from_json: Some(json),
+            ..
+        } => {
+            let report: bench::pull::Report = serde_json::from_slice(&std::fs::read(&json)?)?;
+            let [_, md, svg] = bench::pull::report::write(&report, &output)?;
+            println!("table: {}\nchart: {}", md.display(), svg.display());
+        }
         Bench::Pull {
             nodes,
             sizes,
@@ -103,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             pull_timeout_s,
             output,
             work,
+            from_json: None,
         } => {
             let temp = tempfile::tempdir()?;
             let config = bench::pull::Config {

@@ -224,15 +224,16 @@ pub fn markdown(report: &Report) -> String {
         "{}\n\nPull = `ctr images pull` (fetch, unpack, image record) per node. Upstream bytes = the upstream namespace's `eth0` tx counter (TCP/IP overhead included); ×image = that in whole images. Mirror CPU = all spegel daemons (or the cache) together during the scenario; RSS = largest `VmHWM` of one mirror process.\n\n",
         config_text(report)
     );
-    out.push_str("| image | scenario | setup | pull p50 (s) | p95 (s) | max (s) | cluster (s) | upstream (MB) | ×image | mirror CPU (s) | mirror peak RSS (MiB) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| image | scenario | setup | pull p50 (s) | mean (s) | p95 (s) | max (s) | cluster (s) | upstream (MB) | ×image | mirror CPU (s) | mirror peak RSS (MiB) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in &report.summary {
         let mirror = s.setup != Setup::Baseline;
         out.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} | {} |\n",
             s.case,
             s.scenario,
             s.setup,
             s.p50_s,
+            s.mean_s,
             s.p95_s,
             s.max_s,
             s.cluster_s,
@@ -372,7 +373,7 @@ pub fn svg(report: &Report) -> String {
         .collect();
     let bar = 18.0;
     let group_w = bar * setups.len().max(1) as f64 + 24.0;
-    let plot_w = (group_w * cases.len().max(1) as f64).max(260.0);
+    let plot_w = (group_w * cases.len().max(1) as f64).max(300.0);
     let panel_w = 70.0 + plot_w;
     let (plot_h, panel_h) = (200.0, 270.0);
     let top = 60.0;
@@ -407,12 +408,15 @@ pub fn svg(report: &Report) -> String {
             Metric::NodePull => (
                 |s| s.p50_s,
                 Some(|s| s.p95_s),
-                format!("{scenario}: pull per node, median (bar) and p95 (whisker)"),
+                format!("{scenario}: pull per node (bar p50, line p95)"),
             ),
             Metric::Cluster => (
                 |s| s.cluster_s,
                 None,
-                format!("{scenario}: until every node has the image (batch gaps included)"),
+                match scenario {
+                    Scenario::Create => "create: until every node has the image".to_string(),
+                    Scenario::Update => "update: until every node has it (gaps incl.)".to_string(),
+                },
             ),
         };
         let ymax = nice_ceiling(
@@ -654,7 +658,7 @@ mod tests {
             run(Setup::CentralCache, Scenario::Update, 0, &[1.0, 2.0], 1000),
         ]);
         let md = markdown(&r);
-        assert!(md.contains("| 10MB-1 | create | baseline | 4.50 |"));
+        assert!(md.contains("| 10MB-1 | create | baseline | 4.50 | 4.50 | 4.95 | 5.00 |"));
         assert!(md.contains("| 10MB-1 | update | central-cache | 1.50 |"));
         assert!(md.contains("3 nodes, upstream link shaped to 200mbit"));
         let svg = svg(&r);
