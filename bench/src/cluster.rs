@@ -13,9 +13,9 @@ use crate::{
     containerd::Containerd,
     daemon::{Daemon, spegel_bin},
     http,
-    images::{self, ImageSpec, PushedImage, in_netns},
+    images::{self, ImageSpec, PushOptions, PushedImage, in_netns},
     netns::{Network, UPSTREAM_IP, exec_ok},
-    process::wait_for,
+    process::{Process, wait_for},
     registry::Upstream,
 };
 
@@ -105,9 +105,53 @@ impl Cluster {
 
     /// Generates and pushes an image to the upstream (from inside its namespace).
     pub fn push(&self, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
+        self.push_with(spec, &PushOptions::default())
+    }
+
+    /// [`Cluster::push`] with options (e.g. layers shared by the platforms of an index).
+    pub fn push_with(
+        &self,
+        spec: &ImageSpec,
+        options: &PushOptions,
+    ) -> anyhow::Result<PushedImage> {
         let addr = self.upstream.addr();
         let spec = spec.clone();
-        in_netns(&self.net.upstream(), move || images::push(addr, &spec))
+        let options = options.clone();
+        in_netns(&self.net.upstream(), move || {
+            images::push_with(addr, &spec, &options)
+        })
+    }
+
+    /// Starts any long-running `program args…` with extra `env` inside node `k`'s namespace,
+    /// logging to `<dir>/node<k>/<name>.log`. The caller owns the guard; drop it (which stops
+    /// exactly that PID) before the cluster, whose drop deletes the namespaces.
+    pub fn spawn_in_node(
+        &self,
+        k: usize,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Process> {
+        if k == 0 || k > self.nodes.len() {
+            bail!("node {k} does not exist (1..={})", self.nodes.len());
+        }
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "process".into());
+        let log = self.dir.join(format!("node{k}/{name}.log"));
+        Process::spawn_program(Some(&self.net.node(k)), program, args, env, &log)
+    }
+
+    /// Limits the upstream registry's sending rate (what nodes download from it) with a token
+    /// bucket filter, e.g. `200mbit`.
+    pub fn shape_upstream(&self, rate: &str) -> anyhow::Result<()> {
+        self.net.shape_upstream(rate)
+    }
+
+    /// The directory holding every node's and the upstream's files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The daemon's arguments for node `k`, as the chart passes them.

@@ -20,6 +20,27 @@ pub struct Containerd {
     process: Process,
 }
 
+/// How [`Containerd::pull_with`] pulls.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// `--plain-http`: talk HTTP, not HTTPS, to the registry.
+    pub plain_http: bool,
+    /// `--hosts-dir`: where hosts.toml files are read; `None` for this instance's certs.d.
+    pub hosts_dir: Option<PathBuf>,
+    /// `--all-platforms`: fetch every manifest of an index, not only the host's.
+    pub all_platforms: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            plain_http: true,
+            hosts_dir: None,
+            all_platforms: false,
+        }
+    }
+}
+
 /// Result of a `ctr images pull`.
 #[derive(Debug)]
 pub struct Pull {
@@ -66,15 +87,26 @@ state = "{d}/state"
             process,
         };
         let sock = ctd.socket();
+        let mut exited = None;
+        let process = &mut ctd.process;
         let res = wait_for("containerd to answer", Duration::from_secs(30), || {
-            sock.exists()
-                && Command::new("ctr")
-                    .arg("-a")
-                    .arg(&sock)
-                    .arg("version")
-                    .output()
-                    .is_ok_and(|o| o.status.success())
+            // A containerd that died (bad config, socket in use) will never answer.
+            exited = process.try_wait();
+            exited.is_some()
+                || sock.exists()
+                    && Command::new("ctr")
+                        .arg("-a")
+                        .arg(&sock)
+                        .arg("version")
+                        .output()
+                        .is_ok_and(|o| o.status.success())
         });
+        let res = match exited {
+            Some(status) => Err(anyhow::anyhow!(
+                "containerd exited during startup: {status}"
+            )),
+            None => res,
+        };
         if let Err(e) = res {
             let tail = ctd.process.log_tail();
             ctd.process.stop();
@@ -86,6 +118,21 @@ state = "{d}/state"
     /// The gRPC socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
+    }
+
+    /// The ttrpc socket.
+    pub fn ttrpc_socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock.ttrpc")
+    }
+
+    /// The config file containerd was started with.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// containerd's log file.
+    pub fn log(&self) -> &Path {
+        self.process.log()
     }
 
     /// The content store root, as spegel's `--containerd-content-path` expects.
@@ -127,13 +174,33 @@ state = "{d}/state"
         Ok(text)
     }
 
-    /// Pulls `reference` over plain HTTP using the mirror configuration in `certs.d`.
+    /// Pulls `reference` over plain HTTP using the mirror configuration in `certs.d`;
+    /// `all_platforms` fetches every manifest of an index.
     pub fn pull(&self, reference: &str, all_platforms: bool) -> anyhow::Result<Pull> {
-        let certs = self.certs_d();
-        let mut args = vec!["images", "pull", "--plain-http", "--hosts-dir"];
-        let certs = certs.to_string_lossy().into_owned();
-        args.push(&certs);
-        if all_platforms {
+        self.pull_with(
+            reference,
+            &PullOptions {
+                all_platforms,
+                ..PullOptions::default()
+            },
+        )
+    }
+
+    /// Runs `ctr -n k8s.io images pull [--plain-http] --hosts-dir DIR [--all-platforms] REF`
+    /// (inside the network namespace when there is one) and times it.
+    pub fn pull_with(&self, reference: &str, options: &PullOptions) -> anyhow::Result<Pull> {
+        let hosts = options
+            .hosts_dir
+            .clone()
+            .unwrap_or_else(|| self.certs_d())
+            .to_string_lossy()
+            .into_owned();
+        let mut args = vec!["images", "pull"];
+        if options.plain_http {
+            args.push("--plain-http");
+        }
+        args.extend(["--hosts-dir", &hosts]);
+        if options.all_platforms {
             args.push("--all-platforms");
         }
         args.push(reference);
@@ -166,7 +233,14 @@ state = "{d}/state"
         self.content_path().join("blobs").join(alg).join(hex)
     }
 
-    /// Stops containerd.
+    /// Size of a blob in the content store, `None` when it is not there.
+    pub fn blob_size(&self, digest: &str) -> Option<u64> {
+        std::fs::metadata(self.blob_path(digest))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 10 s).
     pub fn stop(&mut self) {
         self.process.stop();
     }

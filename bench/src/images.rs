@@ -8,10 +8,12 @@ use sha2::{Digest as _, Sha256};
 
 /// Media type of the uncompressed tar layers generated here (no gzip CPU cost on big layers).
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
-const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-const TAR_OVERHEAD: u64 = 512 + 1024;
+/// Media type of the image manifests generated here.
+pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of the index generated for multi-platform images.
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of the image configs generated here.
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -20,13 +22,22 @@ pub struct ImageSpec {
     pub repo: String,
     /// Tag.
     pub tag: String,
-    /// Size of each layer blob in bytes (rounded up to a multiple of 512, at least 2048).
+    /// Exact size of each layer blob in bytes (at least [`MIN_LAYER_SIZE`]; smaller requests
+    /// are raised to it).
     pub layers: Vec<u64>,
     /// Seed: the same spec and seed give the same digests.
     pub seed: u64,
-    /// Architectures for an OCI index (each gets its own manifest, config and layers);
+    /// Architectures for an OCI index (each gets its own manifest and config);
     /// empty for a single-platform manifest.
     pub platforms: Vec<String>,
+}
+
+/// How [`push_with`] lays out an index.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// All platforms of an index reference the same layers (those of platform 0) instead of
+    /// each having its own.
+    pub shared_layers: bool,
 }
 
 /// Kind of a pushed blob.
@@ -53,6 +64,11 @@ pub struct Blob {
     pub media_type: String,
     /// What it is.
     pub kind: BlobKind,
+    /// Architecture of the manifest it belongs to; `None` for the index, for a
+    /// single-platform image and for layers shared by all platforms.
+    pub platform: Option<String>,
+    /// Seed that regenerates it with [`write_layer`] (layers only).
+    pub seed: Option<u64>,
 }
 
 /// An image in the registry.
@@ -66,7 +82,9 @@ pub struct PushedImage {
     pub tag: String,
     /// Digest the tag points at (index or manifest).
     pub digest: String,
-    /// Every blob, root first.
+    /// Media type of what the tag points at.
+    pub media_type: String,
+    /// Every distinct blob, root first (index, manifests, configs, layers).
     pub blobs: Vec<Blob>,
 }
 
@@ -80,17 +98,43 @@ impl PushedImage {
     pub fn total_size(&self) -> u64 {
         self.blobs.iter().map(|b| b.size).sum()
     }
+
+    /// The blobs a pull of one platform fetches: the root, that platform's manifest and
+    /// config, and its layers (shared layers included).
+    pub fn platform_blobs(&self, arch: &str) -> Vec<&Blob> {
+        self.blobs
+            .iter()
+            .filter(|b| {
+                b.kind == BlobKind::Index
+                    || b.platform.is_none()
+                    || b.platform.as_deref() == Some(arch)
+            })
+            .collect()
+    }
 }
 
-/// Rounds a requested layer size to what the generator produces.
+/// Smallest layer the generator makes: one tar header and the end-of-archive marker.
+pub const MIN_LAYER_SIZE: u64 = 512 + 1024;
+
+/// The size a requested layer size produces: exactly the request, at least [`MIN_LAYER_SIZE`].
 pub fn layer_size(requested: u64) -> u64 {
-    requested.max(2048).div_ceil(512) * 512
+    requested.max(MIN_LAYER_SIZE)
 }
 
-/// Writes a generated tar layer of exactly `layer_size(size)` bytes to `out`.
+/// Seed of layer `layer` of platform `platform` (0 for a single-platform image) of an image
+/// generated with `seed`; with [`write_layer`] it regenerates the exact bytes.
+pub fn layer_seed(seed: u64, platform: usize, layer: usize) -> u64 {
+    seed.wrapping_mul(1_000_003)
+        .wrapping_add((platform * 1000 + layer) as u64)
+}
+
+/// Writes a generated tar layer of exactly `layer_size(size)` bytes to `out`, streaming (1 MiB
+/// buffer): one file of seeded random bytes, then zeros. Whatever the 512-byte tar blocks leave
+/// over goes after the end-of-archive marker, where tar readers (and containerd, which drains
+/// the stream to check the diff ID) ignore it.
 pub fn write_layer(seed: u64, size: u64, out: &mut dyn Write) -> std::io::Result<()> {
     let total = layer_size(size);
-    let payload = total - TAR_OVERHEAD;
+    let payload = (total - MIN_LAYER_SIZE) / 512 * 512;
     out.write_all(&tar_header("random.bin", payload))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut buf = vec![0u8; 1 << 20];
@@ -101,7 +145,8 @@ pub fn write_layer(seed: u64, size: u64, out: &mut dyn Write) -> std::io::Result
         out.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    out.write_all(&[0u8; 1024])
+    let trailer = (total - 512 - payload) as usize;
+    out.write_all(&vec![0u8; trailer])
 }
 
 fn tar_header(name: &str, size: u64) -> [u8; 512] {
@@ -252,36 +297,60 @@ impl Client {
 }
 
 /// Generates `spec` and pushes it to the registry at `addr` (which must be reachable from the
-/// calling thread's network namespace).
+/// calling thread's network namespace; see [`in_netns`]).
 pub fn push(addr: SocketAddr, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
+    push_with(addr, spec, &PushOptions::default())
+}
+
+fn blob(digest: &str, size: u64, media_type: &str, kind: BlobKind, platform: Option<&str>) -> Blob {
+    Blob {
+        digest: digest.to_string(),
+        size,
+        media_type: media_type.to_string(),
+        kind,
+        platform: platform.map(str::to_string),
+        seed: None,
+    }
+}
+
+/// [`push`] with options. Layers stream from the generator twice (once to hash, once to
+/// upload), so even GiB layers never sit in memory.
+pub fn push_with(
+    addr: SocketAddr,
+    spec: &ImageSpec,
+    options: &PushOptions,
+) -> anyhow::Result<PushedImage> {
     let client = Client { addr };
-    let mut blobs = Vec::new();
-    let arches: Vec<Option<&str>> = if spec.platforms.is_empty() {
+    let single = spec.platforms.is_empty();
+    let arches: Vec<Option<&str>> = if single {
         vec![None]
     } else {
         spec.platforms.iter().map(|p| Some(p.as_str())).collect()
     };
+    let mut blobs: Vec<Blob> = Vec::new();
     let mut manifests = Vec::new();
     for (pi, arch) in arches.iter().enumerate() {
+        let shared = options.shared_layers && !single;
+        let layer_platform = if shared { 0 } else { pi };
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
         for (li, &size) in spec.layers.iter().enumerate() {
-            let seed = spec
-                .seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add((pi * 1000 + li) as u64);
+            let seed = layer_seed(spec.seed, layer_platform, li);
             let (digest, actual) = layer_digest(seed, size);
-            client.push_blob(&spec.repo, &digest, actual, &mut |w| {
-                write_layer(seed, size, w)
-            })?;
-            layer_descs.push(serde_json::json!({"mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": actual}));
-            diff_ids.push(digest.clone());
-            blobs.push(Blob {
-                digest,
-                size: actual,
-                media_type: LAYER_MEDIA_TYPE.into(),
-                kind: BlobKind::Layer,
-            });
+            if !blobs.iter().any(|b| b.digest == digest) {
+                client.push_blob(&spec.repo, &digest, actual, &mut |w| {
+                    write_layer(seed, size, w)
+                })?;
+                let owner = if shared { None } else { *arch };
+                let mut layer = blob(&digest, actual, LAYER_MEDIA_TYPE, BlobKind::Layer, owner);
+                layer.seed = Some(seed);
+                blobs.push(layer);
+            }
+            layer_descs.push(
+                serde_json::json!({"mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": actual}),
+            );
+            // Uncompressed layers: the diff ID is the layer digest.
+            diff_ids.push(digest);
         }
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": arch.unwrap_or("amd64"), "os": "linux",
@@ -289,33 +358,35 @@ pub fn push(addr: SocketAddr, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }))?;
         let config_digest = client.push_bytes(&spec.repo, &config)?;
-        blobs.push(Blob {
-            digest: config_digest.clone(),
-            size: config.len() as u64,
-            media_type: CONFIG_MEDIA_TYPE.into(),
-            kind: BlobKind::Config,
-        });
+        blobs.push(blob(
+            &config_digest,
+            config.len() as u64,
+            CONFIG_MEDIA_TYPE,
+            BlobKind::Config,
+            *arch,
+        ));
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
             "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config.len()},
             "layers": layer_descs,
         }))?;
         let manifest_digest = sha256(&manifest);
-        if arch.is_some() {
+        if !single {
             client.put_manifest(&spec.repo, &manifest_digest, MANIFEST_MEDIA_TYPE, &manifest)?;
         }
-        blobs.push(Blob {
-            digest: manifest_digest.clone(),
-            size: manifest.len() as u64,
-            media_type: MANIFEST_MEDIA_TYPE.into(),
-            kind: BlobKind::Manifest,
-        });
+        blobs.push(blob(
+            &manifest_digest,
+            manifest.len() as u64,
+            MANIFEST_MEDIA_TYPE,
+            BlobKind::Manifest,
+            *arch,
+        ));
         manifests.push((arch.map(str::to_string), manifest_digest, manifest));
     }
-    let digest = if spec.platforms.is_empty() {
+    let (digest, media_type) = if single {
         let (_, digest, data) = &manifests[0];
         client.put_manifest(&spec.repo, &spec.tag, MANIFEST_MEDIA_TYPE, data)?;
-        digest.clone()
+        (digest.clone(), MANIFEST_MEDIA_TYPE)
     } else {
         let entries: Vec<_> = manifests
             .iter()
@@ -331,15 +402,16 @@ pub fn push(addr: SocketAddr, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
         )?;
         client.put_manifest(&spec.repo, &spec.tag, INDEX_MEDIA_TYPE, &index)?;
         let digest = sha256(&index);
-        blobs.push(Blob {
-            digest: digest.clone(),
-            size: index.len() as u64,
-            media_type: INDEX_MEDIA_TYPE.into(),
-            kind: BlobKind::Index,
-        });
-        digest
+        blobs.push(blob(
+            &digest,
+            index.len() as u64,
+            INDEX_MEDIA_TYPE,
+            BlobKind::Index,
+            None,
+        ));
+        (digest, INDEX_MEDIA_TYPE)
     };
-    // Root first, then the rest in push order.
+    // Root first, then the rest in push order (the sort is stable).
     blobs.sort_by_key(|b| match b.kind {
         BlobKind::Index => 0,
         BlobKind::Manifest => 1,
@@ -351,6 +423,7 @@ pub fn push(addr: SocketAddr, spec: &ImageSpec) -> anyhow::Result<PushedImage> {
         repo: spec.repo.clone(),
         tag: spec.tag.clone(),
         digest,
+        media_type: media_type.to_string(),
         blobs,
     })
 }
@@ -378,33 +451,76 @@ mod tests {
 
     #[test]
     fn layers_are_deterministic_and_exact() {
-        for size in [2048u64, 4096, 100_000, 1 << 20] {
+        for size in [
+            1536u64,
+            1537,
+            2047,
+            2048,
+            4096,
+            100_000,
+            1_000_000,
+            (1 << 20) + 3,
+        ] {
             let mut a = Vec::new();
             write_layer(7, size, &mut a).unwrap();
-            assert_eq!(a.len() as u64, layer_size(size));
+            assert_eq!(a.len() as u64, size, "requested {size}");
             let mut b = Vec::new();
             write_layer(7, size, &mut b).unwrap();
             assert_eq!(a, b);
             let mut c = Vec::new();
             write_layer(8, size, &mut c).unwrap();
-            assert_ne!(a, c);
+            assert_eq!(c.len(), a.len());
+            if size > 2048 {
+                assert_ne!(a, c);
+            }
             assert_eq!(layer_digest(7, size), (sha256(&a), a.len() as u64));
         }
-        assert_eq!(layer_size(1), 2048);
-        assert_eq!(layer_size(2049), 2560);
+        assert_eq!(layer_size(1), MIN_LAYER_SIZE);
+        assert_eq!(layer_size(2049), 2049);
+        assert_ne!(layer_seed(1, 0, 1), layer_seed(1, 1, 0));
+        assert_ne!(layer_seed(1, 0, 0), layer_seed(2, 0, 0));
     }
 
     #[test]
-    fn tar_header_is_valid() {
+    fn layers_are_incompressible_random_payloads() {
         let mut layer = Vec::new();
-        write_layer(1, 4096, &mut layer).unwrap();
-        let h = &layer[..512];
-        let mut copy = h.to_vec();
-        copy[148..156].copy_from_slice(b"        ");
-        let sum: u32 = copy.iter().map(|&b| b as u32).sum();
-        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
-        assert_eq!(sum, stored);
-        let size = u64::from_str_radix(std::str::from_utf8(&h[124..135]).unwrap(), 8).unwrap();
-        assert_eq!(size, 4096 - TAR_OVERHEAD);
+        write_layer(3, 1 << 20, &mut layer).unwrap();
+        // Seeded random bytes use every byte value about equally often.
+        let mut counts = [0u32; 256];
+        for &b in &layer[512..layer.len() - 2048] {
+            counts[b as usize] += 1;
+        }
+        let expected = (layer.len() - 2560) as u32 / 256;
+        assert!(counts.iter().all(|&c| c > expected / 2 && c < expected * 2));
+    }
+
+    #[test]
+    fn layers_are_valid_tar_archives() {
+        for size in [1536u64, 4096, 5000, 70_001] {
+            let mut layer = Vec::new();
+            write_layer(1, size, &mut layer).unwrap();
+            let h = &layer[..512];
+            let mut copy = h.to_vec();
+            copy[148..156].copy_from_slice(b"        ");
+            let sum: u32 = copy.iter().map(|&b| b as u32).sum();
+            let stored =
+                u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+            assert_eq!(sum, stored);
+            let mut archive = tar::Archive::new(layer.as_slice());
+            let entries: Vec<(String, u64)> = archive
+                .entries()
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.path().unwrap().display().to_string(), e.size())
+                })
+                .collect();
+            let payload = (size - MIN_LAYER_SIZE) / 512 * 512;
+            assert_eq!(entries, vec![("random.bin".to_string(), payload)]);
+            // Everything after the file is zeros: the end-of-archive marker and the remainder.
+            let end = 512 + payload as usize;
+            assert!(layer[end..].iter().all(|&b| b == 0));
+            assert!(layer.len() - end >= 1024);
+        }
     }
 }

@@ -12,10 +12,12 @@ use anyhow::{Context, bail};
 /// Address of the upstream namespace.
 pub const UPSTREAM_IP: &str = "10.99.0.254";
 
-/// A set of namespaces joined by a bridge; deleted on drop.
+/// A set of namespaces joined by a bridge; deleted on drop, also when a test panics. Stop the
+/// processes running inside first ([`crate::cluster::Cluster`] drops them before its network).
 pub struct Network {
     prefix: String,
     namespaces: Vec<String>,
+    addrs: Vec<String>,
     nodes: usize,
 }
 
@@ -62,6 +64,7 @@ impl Network {
         let mut net = Network {
             prefix: prefix.clone(),
             namespaces: Vec::new(),
+            addrs: Vec::new(),
             nodes,
         };
         let hub = format!("{prefix}-hub");
@@ -74,25 +77,33 @@ impl Network {
             .map(|k| (net.node(k), format!("10.99.0.{k}")))
             .collect();
         members.push((net.upstream(), UPSTREAM_IP.to_string()));
-        for (i, (ns, addr)) in members.iter().enumerate() {
-            ip(&["netns", "add", ns])?;
-            net.namespaces.push(ns.clone());
-            // veth names are at most 15 bytes; the hub end lives in the hub namespace.
-            let hub_end = format!("v{}x{id}h{i}", std::process::id() % 10_000);
-            ip(&[
-                "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ])?;
-            ip(&["link", "set", &hub_end, "netns", &hub])?;
-            in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
-            in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
-            in_ns(
-                ns,
-                &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
-            )?;
-            in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
-            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        for (ns, addr) in &members {
+            net.attach(ns, addr)?;
         }
         Ok(net)
+    }
+
+    /// Creates namespace `ns` (deleted on drop) with `eth0` at `addr`/24 on the hub's bridge.
+    /// Both veth ends are created directly inside their namespaces, so no interface ever
+    /// appears in the root namespace and hub-side names only need to be unique in the hub.
+    fn attach(&mut self, ns: &str, addr: &str) -> anyhow::Result<()> {
+        let hub = self.hub();
+        let hub_end = format!("h{}", self.namespaces.len());
+        ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        self.addrs.push(addr.to_string());
+        ip(&[
+            "link", "add", &hub_end, "netns", &hub, "type", "veth", "peer", "name", "eth0",
+            "netns", ns,
+        ])?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
+        in_ns(
+            ns,
+            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        )?;
+        in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
+        in_ns(ns, &["ip", "link", "set", "lo", "up"])
     }
 
     /// Namespace of node `k` (1-based).
@@ -103,6 +114,16 @@ impl Network {
     /// IP of node `k`.
     pub fn node_ip(&self, k: usize) -> String {
         format!("10.99.0.{k}")
+    }
+
+    /// Namespace holding the bridge.
+    pub fn hub(&self) -> String {
+        format!("{}-hub", self.prefix)
+    }
+
+    /// Prefix of every namespace name of this network (unique per process and network).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Namespace of the upstream registry.
@@ -129,36 +150,12 @@ impl Network {
     /// Adds one more host namespace on the bridge with address `addr` (10.99.0.x, not a
     /// node's or the upstream's) and returns its name; `name` is a short suffix, e.g. `cache`.
     pub fn add_host(&mut self, name: &str, addr: &str) -> anyhow::Result<String> {
-        let taken = (1..=self.nodes)
-            .map(|k| self.node_ip(k))
-            .chain([UPSTREAM_IP.to_string()])
-            .any(|a| a == addr);
+        let taken = self.addrs.iter().any(|a| a == addr);
         if taken || !addr.starts_with("10.99.0.") {
             bail!("address {addr} is taken or outside 10.99.0.0/24");
         }
         let ns = format!("{}-{name}", self.prefix);
-        let hub = format!("{}-hub", self.prefix);
-        let id = self.prefix.rsplit('x').next().unwrap_or("0");
-        // Continues `create`'s numbering so the hub-side veth name stays unique (≤ 15 bytes).
-        let hub_end = format!(
-            "v{}x{id}h{}",
-            std::process::id() % 10_000,
-            self.namespaces.len() - 1
-        );
-        ip(&["netns", "add", &ns])?;
-        self.namespaces.push(ns.clone());
-        ip(&[
-            "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        ip(&["link", "set", &hub_end, "netns", &hub])?;
-        in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
-        in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
-        in_ns(
-            &ns,
-            &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"],
-        )?;
-        in_ns(&ns, &["ip", "link", "set", "eth0", "up"])?;
-        in_ns(&ns, &["ip", "link", "set", "lo", "up"])?;
+        self.attach(&ns, addr)?;
         Ok(ns)
     }
 

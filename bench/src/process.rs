@@ -36,6 +36,30 @@ impl Process {
         })
     }
 
+    /// Starts `program args…` with extra environment `env`, inside network namespace `netns`
+    /// when given (via `ip netns exec`, which execs, so the guard's PID is the program's).
+    pub fn spawn_program(
+        netns: Option<&str>,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Process> {
+        let mut cmd = command_in(netns, &program.to_string_lossy());
+        cmd.args(args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| program.display().to_string());
+        Process::spawn(&name, cmd, log)
+    }
+
+    /// Whether the process is still running (not exited, not stopped).
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
+    }
+
     /// The process ID.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -103,7 +127,8 @@ impl Drop for Process {
     }
 }
 
-/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+/// Polls `check` every 50 ms until it returns true or `timeout` passes (so at most
+/// `timeout / 50 ms + 1` calls); the error names `what`.
 pub fn wait_for(
     what: &str,
     timeout: Duration,
@@ -121,7 +146,19 @@ pub fn wait_for(
     }
 }
 
-/// Fails with a clear message when a required program is missing.
+/// Fails with a clear message naming the Debian package when `program` is not on `PATH`.
+pub fn require_on_path(program: &str, package: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("{program} not found on PATH: install the Debian package {package} (or run `cargo xtask deps`)")
+        })
+}
+
+/// Fails with a clear message naming the Debian package when the program at absolute path
+/// `program` is missing.
 pub fn require(program: &str, package: &str) -> anyhow::Result<()> {
     if Path::new(program).exists() {
         Ok(())

@@ -977,7 +977,7 @@ mod tests {
         c.scale = 1_000_000;
         let scaled = c.cases();
         assert_eq!(scaled[2].layers, vec![layer_size(1000)]);
-        assert_eq!(scaled[2].layers, vec![2048]);
+        assert_eq!(scaled[2].layers, vec![crate::images::MIN_LAYER_SIZE]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Upstream {
         Ok(up)
     }
 
-    /// Starts on a free loopback port.
+    /// Starts on a free 127.0.0.1 port, not in any namespace.
     pub fn start_local(dir: &Path) -> anyhow::Result<Upstream> {
         let port = crate::process::free_port()?;
         Self::start(dir, SocketAddr::from(([127, 0, 0, 1], port)), None)
@@ -55,44 +55,72 @@ impl Upstream {
         self.addr
     }
 
-    /// Stops the registry (its data stays).
+    /// The URL of the registry, e.g. `http://127.0.0.1:5000`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Where the registry stores blobs and manifests.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The registry's log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("registry.log")
+    }
+
+    /// Whether the registry process is running (not paused).
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// Stops the registry (its data stays); same as [`Upstream::stop`].
     pub fn pause(&mut self) {
+        self.stop();
+    }
+
+    /// Stops the registry (SIGTERM, then SIGKILL); its data stays for [`Upstream::resume`].
+    pub fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {
             p.stop();
         }
     }
 
-    /// Starts the registry again after [`Upstream::pause`].
+    /// Whether `GET /v2/` answers 200, asked from the registry's own network namespace.
+    pub fn answers(&self) -> bool {
+        let addr = self.addr;
+        let get = move || crate::http::get(addr, "/v2/", &[]).map(|r| r.status == 200);
+        match &self.netns {
+            // Only talk to 10.x from inside the namespace that owns it.
+            Some(ns) => crate::images::in_netns(ns, get).unwrap_or(false),
+            None => get().unwrap_or(false),
+        }
+    }
+
+    /// Starts the registry again after [`Upstream::stop`], on the same address and data, and
+    /// waits until `GET /v2/` answers 200.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         if self.process.is_some() {
             return Ok(());
         }
         let mut cmd = command_in(self.netns.as_deref(), "/usr/bin/docker-registry");
         cmd.arg("serve").arg(self.dir.join("config.yml"));
-        let mut process = Process::spawn("docker-registry", cmd, &self.dir.join("registry.log"))?;
-        let addr = self.addr;
-        let netns = self.netns.clone();
+        let mut process = Process::spawn("docker-registry", cmd, &self.log())?;
+        let mut exited = None;
         let res = wait_for(
-            "registry to listen",
+            "registry to answer GET /v2/",
             Duration::from_secs(20),
-            || match &netns {
-                // Only probe 10.x from inside the namespace that owns it.
-                Some(ns) => crate::netns::exec_ok(
-                    ns,
-                    "busybox",
-                    &[
-                        "wget",
-                        "-q",
-                        "-O",
-                        "/dev/null",
-                        &format!("http://{addr}/v2/"),
-                    ],
-                ),
-                None => {
-                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                }
+            || {
+                // A registry that died (port taken, bad config) will never answer.
+                exited = process.try_wait();
+                exited.is_some() || self.answers()
             },
         );
+        let res = match exited {
+            Some(status) => Err(anyhow::anyhow!("docker-registry exited: {status}")),
+            None => res,
+        };
         if let Err(e) = res {
             let tail = process.log_tail();
             process.stop();
