@@ -11,5 +11,6 @@ pub mod p2p;
 pub mod process;
 pub mod pull;
 pub mod registry;
+pub mod routing;
 pub mod serve;
 pub mod stats;

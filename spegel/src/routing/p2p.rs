@@ -38,8 +38,13 @@ pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
 pub const NOTICE_PROTOCOL: &str = "/spegel/notice/1.0.0";
 /// Provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
 const MAX_PROVIDE_QUERIES: usize = 64;
-/// Keys per withdraw notice.
+/// Keys per withdraw or provide notice.
 const WITHDRAW_CHUNK: usize = 1000;
+/// Kademlia's replication factor: a provide query stores the record on this many closest
+/// nodes, so a cluster of at most this many nodes holds every record on every node.
+const REPLICATION: usize = 20;
+/// How long a lookup waits for a provider it had to dial before giving up on it.
+const DIAL_WAIT: Duration = Duration::from_secs(3);
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -63,6 +68,14 @@ enum Notice {
     Withdraw(Vec<Vec<u8>>),
     /// The sender is shutting down.
     Leave,
+    /// The sender provides these DHT keys (small clusters replicate every record to every
+    /// node this way); `last` ends a full sync of everything the sender provides.
+    Provide {
+        /// DHT keys.
+        keys: Vec<Vec<u8>>,
+        /// This chunk completes a full sync.
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -100,6 +113,20 @@ pub struct P2pRouter {
 struct Shared {
     listen: Vec<Multiaddr>,
     peers: Vec<(String, Vec<String>)>,
+    stats: RouterStats,
+}
+
+/// Counters of one router's work, for benchmarks and the debug UI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Kademlia requests this node answered (each DHT message is answered once).
+    pub kad_requests: u64,
+    /// Notices (withdraw, leave, provide) this node received.
+    pub notices: u64,
+    /// Lookups answered from the local record store without a DHT query.
+    pub local_answers: u64,
+    /// Lookups that ran a DHT query.
+    pub dht_queries: u64,
 }
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
@@ -218,6 +245,9 @@ impl P2pRouter {
             swarm,
             commands: rx,
             lookups: HashMap::new(),
+            queries: HashMap::new(),
+            next_lookup: 0,
+            ttl,
             peers: HashMap::new(),
             departed: HashSet::new(),
             provide_queue: VecDeque::new(),
@@ -259,6 +289,11 @@ impl P2pRouter {
             .unwrap_or_else(|e| e.into_inner())
             .peers
             .clone()
+    }
+
+    /// Work counters since start.
+    pub fn stats(&self) -> RouterStats {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats
     }
 
     /// Tells peers this node is leaving (so they stop routing to it at once), then stops.
@@ -344,12 +379,22 @@ struct Lookup {
     remaining: usize,
     seen: HashSet<PeerId>,
     started: Instant,
+    /// The DHT query still running for this lookup.
+    query: Option<QueryId>,
+    /// Providers being dialed (or identified) before they are handed out, since when.
+    pending: HashMap<PeerId, Instant>,
 }
 
 #[derive(Default)]
 struct PeerInfo {
     ips: BTreeSet<IpAddr>,
     registry_port: Option<u16>,
+    /// Addresses from identify, kept for provider records received by notice.
+    addrs: Vec<Multiaddr>,
+    /// Identify ran on the current connection.
+    identified: bool,
+    /// A full provide sync from this peer arrived on the current connection.
+    synced: bool,
 }
 
 struct Leaving {
@@ -361,7 +406,10 @@ struct Leaving {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    lookups: HashMap<QueryId, Lookup>,
+    lookups: HashMap<u64, Lookup>,
+    queries: HashMap<QueryId, u64>,
+    next_lookup: u64,
+    ttl: Duration,
     peers: HashMap<PeerId, PeerInfo>,
     departed: HashSet<PeerId>,
     provide_queue: VecDeque<RecordKey>,
@@ -375,9 +423,12 @@ struct EventLoop {
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let leave_deadline = self.leaving.as_ref().map(|l| l.deadline);
             tokio::select! {
+                _ = tick.tick() => self.expire_pending(),
                 command = self.commands.recv(), if self.leaving.is_none() => match command {
                     Some(c) => self.command(c),
                     // Every handle is gone: nothing can use the router any more.
@@ -402,10 +453,33 @@ impl EventLoop {
     fn command(&mut self, command: Command) {
         match command {
             Command::Advertise(keys, reply) => {
-                for key in keys {
-                    self.provide_queue
-                        .push_back(RecordKey::new(&multihash_key(&key)));
+                let record_keys: Vec<RecordKey> = keys
+                    .iter()
+                    .map(|k| RecordKey::new(&multihash_key(k)))
+                    .collect();
+                if self.small_cluster() {
+                    // Every node is among the closest to every key here: tell them directly,
+                    // so their local answers are complete before any provide query finishes.
+                    let peers: Vec<PeerId> = self
+                        .peers
+                        .iter()
+                        .filter(|(p, i)| i.identified && self.swarm.is_connected(p))
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
+                        let notice = Notice::Provide {
+                            keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                            last: false,
+                        };
+                        for peer in &peers {
+                            self.swarm
+                                .behaviour_mut()
+                                .notice
+                                .send_request(peer, notice.clone());
+                        }
+                    }
                 }
+                self.provide_queue.extend(record_keys);
                 let _ = reply.send(());
             }
             Command::Withdraw(keys, reply) => {
@@ -432,22 +506,46 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::Lookup { key, count, reply } => {
-                let (tx, rx) = mpsc::channel(count);
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(RecordKey::new(&multihash_key(&key)));
+                let record_key = RecordKey::new(&multihash_key(&key));
+                let (tx, rx) = mpsc::channel(count.max(1));
+                let id = self.next_lookup;
+                self.next_lookup += 1;
                 self.lookups.insert(
                     id,
                     Lookup {
                         tx,
-                        remaining: count,
+                        remaining: count.max(1),
                         seen: HashSet::new(),
                         started: Instant::now(),
+                        query: None,
+                        pending: HashMap::new(),
                     },
                 );
                 let _ = reply.send(rx);
+                let now = std::time::Instant::now();
+                let local: Vec<PeerId> = kad::store::RecordStore::providers(
+                    self.swarm.behaviour_mut().kad.store_mut(),
+                    &record_key,
+                )
+                .into_iter()
+                .filter(|r| !r.is_expired(now))
+                .map(|r| r.provider)
+                .collect();
+                let authoritative = self.authoritative();
+                self.offer(id, local, true);
+                if self.lookups.contains_key(&id) {
+                    if authoritative {
+                        self.stat(|s| s.local_answers += 1);
+                    } else {
+                        let query = self.swarm.behaviour_mut().kad.get_providers(record_key);
+                        self.queries.insert(query, id);
+                        if let Some(l) = self.lookups.get_mut(&id) {
+                            l.query = Some(query);
+                        }
+                        self.stat(|s| s.dht_queries += 1);
+                    }
+                }
+                self.maybe_close(id);
             }
             Command::Dial(addrs) => {
                 let own: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
@@ -495,6 +593,19 @@ impl EventLoop {
     }
 
     fn pump_provides(&mut self) {
+        // A provide query with an empty routing table stores the record only here and is not
+        // retried before the next republish (half the TTL): keys advertised before bootstrap
+        // wait in the queue instead.
+        if self.provide_queue.is_empty()
+            || self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .kbuckets()
+                .all(|b| b.num_entries() == 0)
+        {
+            return;
+        }
         while self.provides.len() < MAX_PROVIDE_QUERIES {
             let Some(key) = self.provide_queue.pop_front() else {
                 break;
@@ -567,13 +678,27 @@ impl EventLoop {
                 self.refresh_shared();
             }
             SwarmEvent::ConnectionClosed {
-                num_established: 0, ..
-            } => self.refresh_shared(),
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                if let Some(info) = self.peers.get_mut(&peer_id) {
+                    info.identified = false;
+                    info.synced = false;
+                }
+                self.settle_pending(peer_id, false);
+                self.refresh_shared();
+            }
             SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
                 self.remember(peer_id, &address)
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, error = %error, "dial failed");
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.settle_pending(peer, false);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -581,15 +706,27 @@ impl EventLoop {
                 ..
             })) => {
                 let port = registry_port_of(&info.agent_version);
-                self.peers.entry(peer_id).or_default().registry_port = port;
+                let mut addrs = vec![];
                 for addr in info.listen_addrs {
                     let Some(ip) = ip_of(&addr) else { continue };
                     if ip.is_unspecified() || (!self.loopback_only && ip.is_loopback()) {
                         continue;
                     }
                     self.remember(peer_id, &addr);
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                    addrs.push(addr);
                 }
+                let entry = self.peers.entry(peer_id).or_default();
+                entry.registry_port = port;
+                entry.addrs = addrs;
+                let first = !std::mem::replace(&mut entry.identified, true);
+                if first && self.swarm.is_connected(&peer_id) && self.small_cluster() {
+                    self.sync_to(peer_id);
+                }
+                self.settle_pending(peer_id, true);
                 self.refresh_shared();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -603,7 +740,9 @@ impl EventLoop {
                         providers,
                         ..
                     })) => {
-                        self.found(id, providers);
+                        if let Some(&lookup) = self.queries.get(&id) {
+                            self.offer(lookup, providers, true);
+                        }
                     }
                     QueryResult::GetProviders(Err(e)) => {
                         debug!(error = %e, "provider lookup ended with an error")
@@ -617,10 +756,19 @@ impl EventLoop {
                     _ => {}
                 }
                 if step.last {
-                    // Dropping the sender closes the lookup's channel: "no more providers".
-                    self.lookups.remove(&id);
+                    // Dropping the sender closes the lookup's channel ("no more providers")
+                    // once no provider is still being dialed.
+                    if let Some(lookup) = self.queries.remove(&id) {
+                        if let Some(l) = self.lookups.get_mut(&lookup) {
+                            l.query = None;
+                        }
+                        self.maybe_close(lookup);
+                    }
                     self.provides.remove(&id);
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { .. })) => {
+                self.stat(|s| s.kad_requests += 1);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Notice(request_response::Event::Message {
                 peer,
@@ -630,11 +778,40 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    self.stat(|s| s.notices += 1);
                     match request {
                         Notice::Leave => {
                             info!(%peer, "peer left the cluster");
                             self.departed.insert(peer);
+                            if let Some(info) = self.peers.get_mut(&peer) {
+                                info.synced = false;
+                            }
                             self.swarm.behaviour_mut().kad.remove_peer(&peer);
+                            self.settle_pending(peer, false);
+                        }
+                        Notice::Provide { keys, last } => {
+                            let addresses = self
+                                .peers
+                                .get(&peer)
+                                .map(|i| i.addrs.clone())
+                                .unwrap_or_default();
+                            let expires = Some(std::time::Instant::now() + self.ttl);
+                            let store = self.swarm.behaviour_mut().kad.store_mut();
+                            for key in keys {
+                                let record = kad::ProviderRecord {
+                                    key: RecordKey::from(key),
+                                    provider: peer,
+                                    expires,
+                                    addresses: addresses.clone(),
+                                };
+                                if let Err(e) = kad::store::RecordStore::add_provider(store, record)
+                                {
+                                    debug!(%peer, error = %e, "provider record not stored");
+                                }
+                            }
+                            if last && let Some(info) = self.peers.get_mut(&peer) {
+                                info.synced = true;
+                            }
                         }
                         Notice::Withdraw(keys) => {
                             let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -670,68 +847,199 @@ impl EventLoop {
         }
     }
 
-    fn found(&mut self, id: QueryId, providers: HashSet<PeerId>) {
+    fn stat(&self, f: impl FnOnce(&mut RouterStats)) {
+        f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats);
+    }
+
+    fn table_peers(&mut self) -> Vec<PeerId> {
+        let mut out = vec![];
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            out.extend(bucket.iter().map(|e| *e.node.key.preimage()));
+        }
+        out
+    }
+
+    /// At most [`REPLICATION`] nodes: every provide query reaches every node.
+    fn small_cluster(&mut self) -> bool {
+        self.table_peers().len() < REPLICATION && self.swarm.connected_peers().count() < REPLICATION
+    }
+
+    /// The local record store holds every live provider record of the cluster: the cluster is
+    /// small and every connected peer has sent us a full sync (after which its advertisements
+    /// arrive by notice at once). Peers that never sync (other implementations) keep this
+    /// false, so lookups then use the DHT. A peer that disconnected keeps its records here
+    /// until they expire; lookups dial it before handing it out.
+    fn authoritative(&mut self) -> bool {
+        if !self.small_cluster() {
+            return false;
+        }
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        connected
+            .iter()
+            .all(|p| self.peers.get(p).is_some_and(|i| i.synced))
+    }
+
+    /// Sends `peer` everything this node provides, ending with `last`.
+    fn sync_to(&mut self, peer: PeerId) {
+        let mut keys: Vec<Vec<u8>> =
+            kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
+                .map(|r| r.key.to_vec())
+                .collect();
+        keys.extend(self.provide_queue.iter().map(|k| k.to_vec()));
+        let chunks: Vec<Vec<Vec<u8>>> = if keys.is_empty() {
+            vec![vec![]]
+        } else {
+            keys.chunks(WITHDRAW_CHUNK).map(|c| c.to_vec()).collect()
+        };
+        let n = chunks.len();
+        for (i, keys) in chunks.into_iter().enumerate() {
+            self.swarm.behaviour_mut().notice.send_request(
+                &peer,
+                Notice::Provide {
+                    keys,
+                    last: i + 1 == n,
+                },
+            );
+        }
+    }
+
+    /// Considers `providers` for lookup `id`: live, identified ones are handed out at once; the
+    /// others are dialed first when `dial` (a provider we cannot reach is never handed out).
+    fn offer(&mut self, id: u64, providers: impl IntoIterator<Item = PeerId>, dial: bool) {
         let local = *self.swarm.local_peer_id();
-        let mut finished = false;
-        if let Some(lookup) = self.lookups.get_mut(&id) {
-            for provider in providers {
-                if provider == local
-                    || self.departed.contains(&provider)
-                    || !lookup.seen.insert(provider)
-                {
-                    continue;
-                }
-                let mut ips: BTreeSet<IpAddr> = self
-                    .peers
-                    .get(&provider)
-                    .map(|p| p.ips.clone())
-                    .unwrap_or_default();
-                if ips.is_empty() {
-                    // Fall back to what the routing table knows of the provider.
-                    for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-                        for entry in bucket.iter() {
-                            if *entry.node.key.preimage() == provider {
-                                ips.extend(entry.node.value.iter().filter_map(ip_of));
-                            }
+        for provider in providers {
+            let Some(lookup) = self.lookups.get_mut(&id) else {
+                return;
+            };
+            if provider == local
+                || self.departed.contains(&provider)
+                || !lookup.seen.insert(provider)
+            {
+                continue;
+            }
+            let connected = self.swarm.is_connected(&provider);
+            let identified = self.peers.get(&provider).is_some_and(|i| i.identified);
+            if connected && identified {
+                self.deliver(id, provider);
+            } else if dial {
+                lookup.pending.insert(provider, Instant::now());
+                if !connected {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(provider)
+                        .condition(
+                            libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
+                        )
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
+                            debug!(%provider, error = %e, "cannot dial provider");
+                            lookup.pending.remove(&provider);
                         }
                     }
                 }
-                if ips.is_empty() {
-                    debug!(%provider, "provider without a known address");
-                    continue;
-                }
-                let port = self
-                    .peers
-                    .get(&provider)
-                    .and_then(|p| p.registry_port)
-                    .unwrap_or(self.registry_port);
-                let peer = Peer {
-                    id: provider.to_string(),
-                    addrs: ips
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .collect(),
-                };
-                metrics::global()
-                    .resolve_duration
-                    .with_label_values(&["libp2p"])
-                    .observe(lookup.started.elapsed().as_secs_f64());
-                if lookup.tx.try_send(peer).is_err() {
-                    finished = true;
-                    break;
-                }
-                lookup.remaining -= 1;
-                if lookup.remaining == 0 {
-                    finished = true;
-                    break;
+            }
+        }
+    }
+
+    /// Hands `provider` to lookup `id`, ending the lookup when it has enough.
+    fn deliver(&mut self, id: u64, provider: PeerId) {
+        let mut ips: BTreeSet<IpAddr> = self
+            .peers
+            .get(&provider)
+            .map(|p| p.ips.clone())
+            .unwrap_or_default();
+        if ips.is_empty() {
+            // Fall back to what the routing table knows of the provider.
+            for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                for entry in bucket.iter() {
+                    if *entry.node.key.preimage() == provider {
+                        ips.extend(entry.node.value.iter().filter_map(ip_of));
+                    }
                 }
             }
         }
-        if finished {
-            self.lookups.remove(&id);
-            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+        if ips.is_empty() {
+            debug!(%provider, "provider without a known address");
+            return;
+        }
+        let port = self
+            .peers
+            .get(&provider)
+            .and_then(|p| p.registry_port)
+            .unwrap_or(self.registry_port);
+        let peer = Peer {
+            id: provider.to_string(),
+            addrs: ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect(),
+        };
+        let Some(lookup) = self.lookups.get_mut(&id) else {
+            return;
+        };
+        metrics::global()
+            .resolve_duration
+            .with_label_values(&["libp2p"])
+            .observe(lookup.started.elapsed().as_secs_f64());
+        let full = lookup.tx.try_send(peer).is_err() || {
+            lookup.remaining -= 1;
+            lookup.remaining == 0
+        };
+        if full {
+            self.end_lookup(id);
+        }
+    }
+
+    /// Ends lookup `id` now (closing its channel) and stops its query.
+    fn end_lookup(&mut self, id: u64) {
+        if let Some(lookup) = self.lookups.remove(&id)
+            && let Some(query) = lookup.query
+        {
+            self.queries.remove(&query);
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&query) {
                 q.finish();
             }
+        }
+    }
+
+    /// Closes lookup `id` once its query is over and no provider is being dialed.
+    fn maybe_close(&mut self, id: u64) {
+        if self
+            .lookups
+            .get(&id)
+            .is_some_and(|l| l.query.is_none() && l.pending.is_empty())
+        {
+            self.lookups.remove(&id);
+        }
+    }
+
+    /// `peer` became usable (identified) or unusable (`ok == false`): settle lookups waiting
+    /// for it.
+    fn settle_pending(&mut self, peer: PeerId, ok: bool) {
+        let waiting: Vec<u64> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(id, l)| l.pending.remove(&peer).map(|_| *id))
+            .collect();
+        for id in waiting {
+            if ok {
+                self.deliver(id, peer);
+            }
+            self.maybe_close(id);
+        }
+    }
+
+    fn expire_pending(&mut self) {
+        let ids: Vec<u64> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(id, l)| {
+                let before = l.pending.len();
+                l.pending.retain(|_, since| since.elapsed() < DIAL_WAIT);
+                (l.pending.len() != before).then_some(*id)
+            })
+            .collect();
+        for id in ids {
+            self.maybe_close(id);
         }
     }
 }
