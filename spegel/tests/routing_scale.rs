@@ -6,6 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use bench::routing::{Sim, SimConfig};
+use spegel::routing::Router as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_routers() {

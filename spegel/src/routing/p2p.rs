@@ -257,6 +257,7 @@ impl P2pRouter {
             registry_port: config.registry_port,
             loopback_only,
             leaving: None,
+            bootstrapped: false,
         };
         let handle = tokio::spawn(event_loop.run());
         if let Some(bootstrapper) = config.bootstrap {
@@ -395,6 +396,9 @@ struct PeerInfo {
     identified: bool,
     /// A full provide sync from this peer arrived on the current connection.
     synced: bool,
+    /// We sent this peer a full sync on the current connection (so we push it every new
+    /// advertisement).
+    sent_sync: bool,
 }
 
 struct Leaving {
@@ -419,6 +423,8 @@ struct EventLoop {
     registry_port: u16,
     loopback_only: bool,
     leaving: Option<Leaving>,
+    /// A Kademlia bootstrap (self-lookup) finished: a small cluster's nodes are all known.
+    bootstrapped: bool,
 }
 
 impl EventLoop {
@@ -457,13 +463,13 @@ impl EventLoop {
                     .iter()
                     .map(|k| RecordKey::new(&multihash_key(k)))
                     .collect();
-                if self.small_cluster() {
-                    // Every node is among the closest to every key here: tell them directly,
-                    // so their local answers are complete before any provide query finishes.
+                {
+                    // Peers we sent a full sync answer lookups from their store: every later
+                    // advertisement must reach them directly, whatever the cluster size now.
                     let peers: Vec<PeerId> = self
                         .peers
                         .iter()
-                        .filter(|(p, i)| i.identified && self.swarm.is_connected(p))
+                        .filter(|(p, i)| i.sent_sync && self.swarm.is_connected(p))
                         .map(|(p, _)| *p)
                         .collect();
                     for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
@@ -685,6 +691,7 @@ impl EventLoop {
                 if let Some(info) = self.peers.get_mut(&peer_id) {
                     info.identified = false;
                     info.synced = false;
+                    info.sent_sync = false;
                 }
                 self.settle_pending(peer_id, false);
                 self.refresh_shared();
@@ -747,6 +754,7 @@ impl EventLoop {
                     QueryResult::GetProviders(Err(e)) => {
                         debug!(error = %e, "provider lookup ended with an error")
                     }
+                    QueryResult::Bootstrap(_) if step.last => self.bootstrapped = true,
                     QueryResult::StartProviding(result) => {
                         self.provides.remove(&id);
                         if let Err(e) = result {
@@ -870,7 +878,8 @@ impl EventLoop {
     /// false, so lookups then use the DHT. A peer that disconnected keeps its records here
     /// until they expire; lookups dial it before handing it out.
     fn authoritative(&mut self) -> bool {
-        if !self.small_cluster() {
+        // Before the first bootstrap query ends, a joining node may know only its seeds.
+        if !self.bootstrapped || !self.small_cluster() {
             return false;
         }
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -892,6 +901,7 @@ impl EventLoop {
             keys.chunks(WITHDRAW_CHUNK).map(|c| c.to_vec()).collect()
         };
         let n = chunks.len();
+        self.peers.entry(peer).or_default().sent_sync = true;
         for (i, keys) in chunks.into_iter().enumerate() {
             self.swarm.behaviour_mut().notice.send_request(
                 &peer,
