@@ -539,10 +539,11 @@ impl EventLoop {
                 .collect();
                 let authoritative = self.authoritative();
                 self.offer(id, local, true);
-                if self.lookups.contains_key(&id) {
-                    if authoritative {
-                        self.stat(|s| s.local_answers += 1);
-                    } else {
+                // Counted even when the local providers already ended the lookup.
+                if authoritative {
+                    self.stat(|s| s.local_answers += 1);
+                } else if self.lookups.contains_key(&id) {
+                    {
                         let query = self.swarm.behaviour_mut().kad.get_providers(record_key);
                         self.queries.insert(query, id);
                         if let Some(l) = self.lookups.get_mut(&id) {
