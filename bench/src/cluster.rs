@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use crate::{
     containerd::Containerd,
     daemon::{Daemon, spegel_bin},
+    delay::LinkSpec,
     http,
     images::{self, ImageSpec, PushOptions, PushedImage, in_netns},
     netns::{Network, UPSTREAM_IP, exec_ok},
@@ -40,8 +41,13 @@ pub struct Cluster {
 impl Cluster {
     /// Brings up `n` nodes under `dir` (created).
     pub fn start(n: usize, dir: &Path) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, dir, &[])
+    }
+
+    /// [`Cluster::start`] with some nodes' links delayed and/or rate-limited.
+    pub fn start_with(n: usize, dir: &Path, links: &[LinkSpec]) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
-        let net = Network::create(n)?;
+        let net = Network::create_with(n, links)?;
         let upstream_addr: SocketAddr = format!("{UPSTREAM_IP}:5000").parse()?;
         let upstream =
             Upstream::start(&dir.join("upstream"), upstream_addr, Some(&net.upstream()))?;
@@ -86,6 +92,12 @@ impl Cluster {
     /// The network.
     pub fn network(&self) -> &Network {
         &self.net
+    }
+
+    /// Changes the round-trip time added on node `k`'s link (see [`Network::delay_node`];
+    /// a node started without a delayed link briefly loses its address when it gets one).
+    pub fn delay_node(&mut self, k: usize, delay: Duration) -> anyhow::Result<()> {
+        self.net.delay_node(k, delay)
     }
 
     /// Adds a host namespace (e.g. a central cache) at `addr` on the cluster's bridge.
