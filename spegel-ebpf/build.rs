@@ -21,7 +21,9 @@ fn main() {
             "`{clang} -print-multiarch` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )),
-        Err(e) => fail(&format!("cannot run `{clang}` ({e}); clang is needed to build the eBPF programs")),
+        Err(e) => fail(&format!(
+            "cannot run `{clang}` ({e}); clang is needed to build the eBPF programs"
+        )),
     };
 
     let dir = Path::new("src/bpf");
@@ -58,6 +60,7 @@ fn main() {
 }
 
 fn fail(why: &str) -> ! {
+    // A plain exit: a panic's backtrace would bury the one line that says what to install.
     eprintln!("error: spegel-ebpf: {why}\nerror: spegel-ebpf: {PACKAGES}");
-    panic!("spegel-ebpf: {why}; {PACKAGES}");
+    std::process::exit(1);
 }

@@ -127,7 +127,9 @@ fn relay(fds: [OwnedFd; 2], one_way_ns: &AtomicU64, stop: &AtomicBool, counters:
         let now = Instant::now();
         for (i, queue) in queues.iter_mut().enumerate() {
             while queue.front().is_some_and(|(due, _)| *due <= now) {
-                let Some((_, frame)) = queue.pop_front() else { break };
+                let Some((_, frame)) = queue.pop_front() else {
+                    break;
+                };
                 // SAFETY: writing an owned buffer to an fd this thread owns.
                 let n = unsafe {
                     libc::write(fds[1 - i].as_raw_fd(), frame.as_ptr().cast(), frame.len())
@@ -188,7 +190,10 @@ fn relay(fds: [OwnedFd; 2], one_way_ns: &AtomicU64, stop: &AtomicBool, counters:
 /// vanishes when the returned fd closes) and returns its non-blocking fd.
 pub fn open_tap(name: &str) -> anyhow::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        bail!("interface name {name:?} must have 1 to {} bytes", libc::IFNAMSIZ - 1);
+        bail!(
+            "interface name {name:?} must have 1 to {} bytes",
+            libc::IFNAMSIZ - 1
+        );
     }
     // SAFETY: a plain open(2) of a constant path; the fd is owned right below.
     let raw = unsafe {
@@ -210,7 +215,8 @@ pub fn open_tap(name: &str) -> anyhow::Result<OwnedFd> {
     ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes the ifreq we own.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("creating TAP {name}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("creating TAP {name}"));
     }
     Ok(fd)
 }
@@ -257,7 +263,11 @@ mod tests {
             unsafe { libc::write(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }
         };
         let recv = |fd: &OwnedFd| -> Vec<u8> {
-            let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one pollfd we own; bounded wait.
             unsafe { libc::poll(&mut pfd, 1, 5_000) };
             let mut buf = [0u8; 64];
@@ -271,7 +281,11 @@ mod tests {
         send(&b_outer, b"pong");
         assert_eq!(recv(&a_outer), b"pong");
         // Each direction waits half of the round trip; the round trip is never shorter.
-        assert!(start.elapsed() >= Duration::from_millis(40), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(link.counters().forwarded.load(Ordering::Relaxed), 2);
         assert_eq!(link.counters().dropped.load(Ordering::Relaxed), 0);
         assert_eq!(link.delay(), Duration::from_millis(40));

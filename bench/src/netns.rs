@@ -150,7 +150,10 @@ impl Network {
         let name = hub_end.clone();
         let hub_tap = in_netns(&hub, move || open_tap(&name))?;
         // Deeper device queues than the default 1000: a slow read must not drop frames early.
-        in_ns(&hub, &["ip", "link", "set", &hub_end, "txqueuelen", "10000"])?;
+        in_ns(
+            &hub,
+            &["ip", "link", "set", &hub_end, "txqueuelen", "10000"],
+        )?;
         in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
         in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
         in_ns(&ns, &["ip", "link", "set", "eth0", "txqueuelen", "10000"])?;

@@ -112,7 +112,9 @@ fn delayed_link_adds_its_round_trip_time_and_keeps_data_intact() -> anyhow::Resu
     net.shape(&net.node(3), "1gbit")?;
     let before = tx_bytes(&net.node(3))?;
     let mut bulk = connect_in(&net.node(1), far)?;
-    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let writer = {
         let mut w = bulk.try_clone()?;
         let data = data.clone();
@@ -124,11 +126,16 @@ fn delayed_link_adds_its_round_trip_time_and_keeps_data_intact() -> anyhow::Resu
     bulk.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut back = Vec::with_capacity(data.len());
     bulk.read_to_end(&mut back)?;
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     assert_eq!(back.len(), data.len());
     assert!(back == data, "echoed bytes differ");
     let sent = tx_bytes(&net.node(3))? - before;
-    assert!(sent >= data.len() as u64, "eth0 of node 3 sent {sent} bytes");
+    assert!(
+        sent >= data.len() as u64,
+        "eth0 of node 3 sent {sent} bytes"
+    );
 
     assert_eq!(near_srv.join().map_err(|_| anyhow::anyhow!("server"))?, 10);
     assert_eq!(

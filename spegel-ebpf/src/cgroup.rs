@@ -57,7 +57,10 @@ pub fn place_in_cgroup() -> Result<CgroupPlacement, EbpfError> {
     match std::fs::create_dir(&child) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
+        Err(e)
+            if e.kind() == io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(libc::EROFS) =>
+        {
             return Err(EbpfError::NoPrivileges(format!(
                 "cannot create {} ({e}); the process is in the machine's root cgroup, which would see every socket",
                 child.display()
@@ -235,7 +238,10 @@ mod tests {
             cgroup2_mount(text),
             Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()))
         );
-        assert_eq!(cgroup2_mount("30 25 0:26 / /x rw - ext4 /dev/sda rw\n"), None);
+        assert_eq!(
+            cgroup2_mount("30 25 0:26 / /x rw - ext4 /dev/sda rw\n"),
+            None
+        );
         let escaped = "41 31 0:38 /a\\040b /mnt/c\\040g rw - cgroup2 cgroup2 rw\n";
         assert_eq!(
             cgroup2_mount(escaped),

@@ -6,7 +6,9 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     /// The process lacks the capabilities (or the kernel refused the `bpf()` call with EPERM).
-    #[error("eBPF needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the host user namespace: {0}")]
+    #[error(
+        "eBPF needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the host user namespace: {0}"
+    )]
     NoPrivileges(String),
     /// No cgroup v2 to attach to (cgroup v1 only, or not mounted).
     #[error("no cgroup v2: {0}")]
@@ -68,7 +70,9 @@ fn last_line(log: &str) -> String {
     log.lines()
         .rev()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time"))
+        .find(|l| {
+            !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time")
+        })
         .map(|l| format!("; verifier: {l}"))
         .unwrap_or_default()
 }
@@ -86,14 +90,24 @@ mod tests {
         };
         let text = e.to_string();
         assert!(!text.contains('\n'), "{text}");
-        assert!(text.ends_with("verifier: ; R1 dereference of modified ctx ptr"), "{text}");
+        assert!(
+            text.ends_with("verifier: ; R1 dereference of modified ctx ptr"),
+            "{text}"
+        );
         assert!(e.verifier_log().is_some_and(|l| l.contains("(61)")));
     }
 
     #[test]
     fn load_error_without_log_says_so_plainly() {
-        let e = EbpfError::Load { program: "peer_tcp".into(), message: "bad ELF".into(), log: String::new() };
-        assert_eq!(e.to_string(), "loading eBPF program `peer_tcp` failed: bad ELF");
+        let e = EbpfError::Load {
+            program: "peer_tcp".into(),
+            message: "bad ELF".into(),
+            log: String::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "loading eBPF program `peer_tcp` failed: bad ELF"
+        );
         assert!(e.verifier_log().is_none());
     }
 }

@@ -19,7 +19,8 @@ use aya::{
 use crate::EbpfError;
 
 /// The sock_ops object built from `src/bpf/sockops.bpf.c` by build.rs.
-static SOCKOPS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops.bpf.o"));
+static SOCKOPS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops.bpf.o"));
 
 const PROGRAM: &str = "peer_tcp";
 const PEERS: &str = "PEERS";
@@ -119,7 +120,9 @@ pub struct Probes {
 
 impl std::fmt::Debug for Probes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Probes").field("cgroup", &self.cgroup).finish()
+        f.debug_struct("Probes")
+            .field("cgroup", &self.cgroup)
+            .finish()
     }
 }
 
@@ -131,7 +134,9 @@ impl Probes {
         check_capabilities()?;
         raise_memlock_limit();
         let dir = File::open(cgroup).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => EbpfError::NoCgroupV2(format!("{} does not exist", cgroup.display())),
+            io::ErrorKind::NotFound => {
+                EbpfError::NoCgroupV2(format!("{} does not exist", cgroup.display()))
+            }
             _ => EbpfError::Cgroup {
                 path: cgroup.to_path_buf(),
                 what: "opening",
@@ -144,7 +149,9 @@ impl Probes {
                 cgroup.display()
             )));
         }
-        let mut ebpf = EbpfLoader::new().load(SOCKOPS_OBJECT).map_err(object_error)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(SOCKOPS_OBJECT)
+            .map_err(object_error)?;
         let program: &mut SockOps = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| load_error(format!("program `{PROGRAM}` missing from the object")))?
@@ -156,7 +163,7 @@ impl Probes {
             .map_err(|e| attach_error(e, cgroup))?;
         let map = ebpf
             .take_map(PEERS)
-            .ok_or_else(|| map_error(format!("missing from the object")))?;
+            .ok_or_else(|| map_error("missing from the object".into()))?;
         let peers = HashMap::try_from(map).map_err(|e| map_error(e.to_string()))?;
         tracing::info!(cgroup = %cgroup.display(), "eBPF sock_ops probe attached");
         Ok(Probes {
@@ -186,9 +193,13 @@ impl Probes {
     /// Drops what was recorded for `addr` (a peer that left); absent peers are fine.
     pub fn forget(&self, addr: Ipv6Addr) -> Result<(), EbpfError> {
         let mut map = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match map.remove(&PeerKey { addr: addr.octets() }) {
+        match map.remove(&PeerKey {
+            addr: addr.octets(),
+        }) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(map_error(e.to_string())),
         }
     }
@@ -205,10 +216,16 @@ impl PeerSource for Probes {
 
 /// CLOCK_MONOTONIC now, the clock of [`PeerRecord::last_seen`].
 pub fn monotonic_now() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -318,10 +335,10 @@ fn program_error(e: ProgramError) -> EbpfError {
 }
 
 fn attach_error(e: ProgramError, cgroup: &Path) -> EbpfError {
-    if let ProgramError::SyscallError(s) = &e {
-        if is_eperm(&s.io_error) {
-            return EbpfError::NoPrivileges(format!("{}: {}", s.call, s.io_error));
-        }
+    if let ProgramError::SyscallError(s) = &e
+        && is_eperm(&s.io_error)
+    {
+        return EbpfError::NoPrivileges(format!("{}: {}", s.call, s.io_error));
     }
     EbpfError::Attach {
         program: PROGRAM.into(),
@@ -364,7 +381,13 @@ mod tests {
         assert_eq!(r.min_rtt, Duration::from_micros(20_100));
         assert_eq!(r.connect_time, None);
         assert_eq!(r.last_seen, Duration::new(7, 1));
-        let r = PeerRecord::from_map(PeerKey { addr }, PeerStats { connect_ns: 1500, ..stats });
+        let r = PeerRecord::from_map(
+            PeerKey { addr },
+            PeerStats {
+                connect_ns: 1500,
+                ..stats
+            },
+        );
         assert_eq!(r.connect_time, Some(Duration::from_nanos(1500)));
     }
 
@@ -372,7 +395,10 @@ mod tests {
     fn the_embedded_object_is_an_ebpf_elf_with_btf() {
         assert_eq!(&SOCKOPS_OBJECT[..4], b"\x7fELF");
         // e_machine EM_BPF (247), little endian
-        assert_eq!(u16::from_le_bytes([SOCKOPS_OBJECT[18], SOCKOPS_OBJECT[19]]), 247);
+        assert_eq!(
+            u16::from_le_bytes([SOCKOPS_OBJECT[18], SOCKOPS_OBJECT[19]]),
+            247
+        );
         let has = |needle: &[u8]| SOCKOPS_OBJECT.windows(needle.len()).any(|w| w == needle);
         assert!(has(b".BTF\0") && has(b"peer_tcp\0") && has(b"PEERS\0"));
     }

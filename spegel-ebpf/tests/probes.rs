@@ -29,11 +29,14 @@ struct CgroupGuard {
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.original.join("cgroup.procs"), std::process::id().to_string());
-        if let Some(dir) = &self.created {
-            if let Err(e) = std::fs::remove_dir(dir) {
-                eprintln!("removing {}: {e}", dir.display());
-            }
+        let _ = std::fs::write(
+            self.original.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        if let Some(dir) = &self.created
+            && let Err(e) = std::fs::remove_dir(dir)
+        {
+            eprintln!("removing {}: {e}", dir.display());
         }
     }
 }
@@ -45,13 +48,23 @@ fn fresh_cgroup() -> anyhow::Result<(CgroupGuard, PathBuf)> {
     let placement = place_in_cgroup()?;
     if placement.created {
         assert_eq!(placement.path.parent(), Some(original.as_path()));
-        assert_eq!(own_cgroup_dir()?, placement.path, "process joined the child");
-        let guard = CgroupGuard { original, created: Some(placement.path.clone()) };
+        assert_eq!(
+            own_cgroup_dir()?,
+            placement.path,
+            "process joined the child"
+        );
+        let guard = CgroupGuard {
+            original,
+            created: Some(placement.path.clone()),
+        };
         return Ok((guard, placement.path));
     }
     let dir = original.join(format!("spegel-ebpf-test-{}", std::process::id()));
     std::fs::create_dir(&dir)?;
-    let guard = CgroupGuard { original, created: Some(dir.clone()) };
+    let guard = CgroupGuard {
+        original,
+        created: Some(dir.clone()),
+    };
     std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
     Ok((guard, dir))
 }
@@ -138,8 +151,12 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
         exchange(&client, near)?;
         exchange(&client, far)?;
     }
-    near_srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
-    far_srv.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    near_srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    far_srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
 
     // A refused connect (closed port), and one whose SYN is dropped: node 4 listens with no
     // room in its accept queue once one connection waits there, so the second connect's SYN
@@ -156,7 +173,9 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     // Closing runs on the kernel's side; wait (bounded) until every FIN has been processed.
     let mut peers = probes.peers()?;
     for _ in 0..50 {
-        let client_side = find(&peers, "10.99.0.1").map(|p| p.bytes_received).unwrap_or(0);
+        let client_side = find(&peers, "10.99.0.1")
+            .map(|p| p.bytes_received)
+            .unwrap_or(0);
         if client_side >= 2 * (CONNS * SENT) as u64 {
             break;
         }
@@ -171,8 +190,16 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     for p in [&n, &f, &c, &x] {
         eprintln!(
             "{}: srtt {:?} min_rtt {:?} connect {:?} connects {} failures {} retrans {} rto {} acked {} received {}",
-            p.addr, p.srtt, p.min_rtt, p.connect_time, p.connects, p.connect_failures,
-            p.retransmits, p.rto_events, p.bytes_acked, p.bytes_received
+            p.addr,
+            p.srtt,
+            p.min_rtt,
+            p.connect_time,
+            p.connects,
+            p.connect_failures,
+            p.retransmits,
+            p.rto_events,
+            p.bytes_acked,
+            p.bytes_received
         );
         assert!(p.last_seen >= started && p.last_seen <= now, "{p:?}");
     }
@@ -180,9 +207,16 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     // Distance: the delayed peer's RTT is at least its link's delay, the other is a LAN's.
     assert!(f.min_rtt >= Duration::from_millis(15), "{f:?}");
     assert!(f.srtt >= Duration::from_millis(15), "{f:?}");
-    assert!(f.connect_time.is_some_and(|t| t >= Duration::from_millis(15)), "{f:?}");
+    assert!(
+        f.connect_time
+            .is_some_and(|t| t >= Duration::from_millis(15)),
+        "{f:?}"
+    );
     assert!(n.min_rtt < Duration::from_millis(5), "{n:?}");
-    assert!(n.min_rtt > Duration::ZERO && n.connect_time.is_some(), "{n:?}");
+    assert!(
+        n.min_rtt > Duration::ZERO && n.connect_time.is_some(),
+        "{n:?}"
+    );
 
     // Connects: every exchange, plus the refused one on the near peer.
     assert_eq!((f.connects, f.connect_failures), (CONNS as u64, 0));
@@ -194,11 +228,31 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
 
     // Bytes: what each side sent and received, per peer.
     assert_bytes("acked by the near peer", n.bytes_acked, CONNS * SENT, CONNS);
-    assert_bytes("received from the near peer", n.bytes_received, CONNS * REPLY, CONNS);
+    assert_bytes(
+        "received from the near peer",
+        n.bytes_received,
+        CONNS * REPLY,
+        CONNS,
+    );
     assert_bytes("acked by the far peer", f.bytes_acked, CONNS * SENT, CONNS);
-    assert_bytes("received from the far peer", f.bytes_received, CONNS * REPLY, CONNS);
-    assert_bytes("received by both servers", c.bytes_received, 2 * CONNS * SENT, 2 * CONNS);
-    assert_bytes("acked to both servers", c.bytes_acked, 2 * CONNS * REPLY, 2 * CONNS);
+    assert_bytes(
+        "received from the far peer",
+        f.bytes_received,
+        CONNS * REPLY,
+        CONNS,
+    );
+    assert_bytes(
+        "received by both servers",
+        c.bytes_received,
+        2 * CONNS * SENT,
+        2 * CONNS,
+    );
+    assert_bytes(
+        "acked to both servers",
+        c.bytes_acked,
+        2 * CONNS * REPLY,
+        2 * CONNS,
+    );
 
     // Forgetting a peer drops its record; forgetting it again is fine.
     probes.forget(f.addr)?;

@@ -17,6 +17,7 @@ const APT: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     ("clang", "/usr/bin/clang"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("linux-libc-dev", "/usr/include/linux/bpf.h"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("python3-pip", "/usr/bin/pip3"),
 ];
