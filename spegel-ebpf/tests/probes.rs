@@ -13,7 +13,9 @@ use std::{
 };
 
 use bench::{delay::LinkSpec, images::in_netns, netns::Network};
-use spegel_ebpf::{EbpfError, PeerRecord, Probes, monotonic_now, own_cgroup_dir, place_in_cgroup};
+use spegel_ebpf::{
+    CgroupPlacement, EbpfError, PeerRecord, Probes, monotonic_now, own_cgroup_dir, place_in_cgroup,
+};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -21,14 +23,32 @@ fn is_root() -> bool {
 }
 
 /// Moves the process back to where it was and removes the cgroup made for the test, also
-/// when the test fails.
+/// when the test fails: through [`CgroupPlacement::release`] when `place_in_cgroup` made it.
 struct CgroupGuard {
     original: PathBuf,
+    placement: Option<CgroupPlacement>,
     created: Option<PathBuf>,
+}
+
+impl CgroupGuard {
+    /// Releases the cgroup now, reporting failures (the drop only logs them).
+    fn release(mut self) -> anyhow::Result<()> {
+        if let Some(p) = self.placement.take() {
+            p.release()?;
+            anyhow::ensure!(!p.path.exists(), "{} still exists", p.path.display());
+            anyhow::ensure!(own_cgroup_dir()? == self.original, "process moved back");
+        }
+        Ok(())
+    }
 }
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
+        if let Some(p) = self.placement.take()
+            && let Err(e) = p.release()
+        {
+            eprintln!("releasing {}: {e}", p.path.display());
+        }
         let _ = std::fs::write(
             self.original.join("cgroup.procs"),
             std::process::id().to_string(),
@@ -53,16 +73,20 @@ fn fresh_cgroup() -> anyhow::Result<(CgroupGuard, PathBuf)> {
             placement.path,
             "process joined the child"
         );
+        let path = placement.path.clone();
         let guard = CgroupGuard {
             original,
-            created: Some(placement.path.clone()),
+            placement: Some(placement),
+            created: None,
         };
-        return Ok((guard, placement.path));
+        return Ok((guard, path));
     }
+    assert_eq!(placement.path, original, "a non-root cgroup is used as is");
     let dir = original.join(format!("spegel-ebpf-test-{}", std::process::id()));
     std::fs::create_dir(&dir)?;
     let guard = CgroupGuard {
         original,
+        placement: None,
         created: Some(dir.clone()),
     };
     std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
@@ -137,7 +161,7 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     let net = Network::create_with(4, &[LinkSpec::delayed(3, delay)])?;
     let (client, near_ip, far_ip) = (net.node(1), net.node_ip(2), net.node_ip(3));
 
-    let (_cgroup, dir) = fresh_cgroup()?;
+    let (cgroup, dir) = fresh_cgroup()?;
     let started = monotonic_now();
     let probes = Probes::attach(&dir)?;
     assert_eq!(probes.cgroup(), dir.as_path());
@@ -151,6 +175,13 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
         exchange(&client, near)?;
         exchange(&client, far)?;
     }
+    // IPv6 (loopback inside node 1): both ends are in the cgroup, under the one key ::1.
+    let v6: SocketAddr = "[::1]:7002".parse()?;
+    let v6_srv = server(listen_in(&client, v6)?, 1);
+    exchange(&client, v6)?;
+    v6_srv
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     near_srv
         .join()
         .map_err(|_| anyhow::anyhow!("server panicked"))??;
@@ -187,7 +218,12 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     let f = find(&peers, &far_ip)?;
     let c = find(&peers, "10.99.0.1")?;
     let x = find(&peers, &net.node_ip(4))?;
-    for p in [&n, &f, &c, &x] {
+    let l = peers
+        .iter()
+        .find(|p| p.addr == Ipv6Addr::LOCALHOST)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no record for ::1 in {peers:#?}"))?;
+    for p in [&n, &f, &c, &x, &l] {
         eprintln!(
             "{}: srtt {:?} min_rtt {:?} connect {:?} connects {} failures {} retrans {} rto {} acked {} received {}",
             p.addr,
@@ -225,6 +261,9 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     assert!(x.connect_time.is_some(), "{x:?}");
     assert!(x.rto_events >= 1 && x.retransmits >= 1, "{x:?}");
     assert_eq!(c.connects, 0, "accepted sockets are not connects");
+    assert_eq!((l.connects, l.connect_failures), (1, 0));
+    assert_bytes("acked over ::1", l.bytes_acked, SENT + REPLY, 2);
+    assert_bytes("received over ::1", l.bytes_received, SENT + REPLY, 2);
 
     // Bytes: what each side sent and received, per peer.
     assert_bytes("acked by the near peer", n.bytes_acked, CONNS * SENT, CONNS);
@@ -263,6 +302,7 @@ fn sock_ops_records_rtt_bytes_and_connects_per_peer() -> anyhow::Result<()> {
     assert!(after.iter().any(|p| p.addr == n.addr));
 
     drop((waiting, full_listener, probes));
+    cgroup.release()?;
     drop(net);
     Ok(())
 }
