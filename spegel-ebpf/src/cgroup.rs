@@ -262,6 +262,36 @@ mod tests {
     }
 
     #[test]
+    fn only_children_of_exited_daemons_are_removed() {
+        let dir = std::env::temp_dir().join(format!("spegel-ebpf-stale-{}", std::process::id()));
+        let own = std::process::id();
+        // PIDs never exceed 2^22 on Linux, so this one cannot be alive.
+        for name in [
+            format!("spegel-{own}"),
+            "spegel-99999999".into(),
+            "spegel-x".into(),
+            "other".into(),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+        }
+        remove_stale_children(&dir, own);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "other".to_string(),
+                format!("spegel-{own}"),
+                "spegel-x".into()
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn root_is_told_from_a_child_by_its_files() {
         let dir = std::env::temp_dir().join(format!("spegel-ebpf-root-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
