@@ -1,18 +1,13 @@
-//! The OCI registry HTTP server: pull-only, HTTP/1.1 keep-alive, blob bodies by `sendfile(2)`.
+//! The connection server every listener of the daemon uses: HTTP/1.1 keep-alive with
+//! pipelining, idle/head/write-stall timeouts, and per-request metrics under the label the
+//! [`Handler`] names.
 //!
-//! Each connection is one task that owns its `TcpStream`: request heads are parsed with
-//! `httparse`, responses are written directly, and file bodies go from the page cache to the
-//! socket with `sendfile(2)` under `TCP_CORK`, so no blob byte passes through userspace.
-
-mod filter;
-mod handler;
-pub mod http;
-mod sendfile;
+//! Each connection is one task that owns its `TcpStream`, so file bodies can be written with
+//! `sendfile(2)` (see [`super::writer`]).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use futures::StreamExt;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -20,11 +15,10 @@ use tokio::{
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use filter::{FilterError, Filters};
-pub use handler::{MIRRORED_HEADER, Registry, handler_label, not_found_anywhere, oci_error};
-pub use sendfile::sendfile_all;
-
-use http::{Body, ReadError, Response};
+use super::{
+    codec::{self, ReadError, Request, Response},
+    writer::write_response,
+};
 
 /// Connection timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -47,24 +41,31 @@ impl Default for Timeouts {
     }
 }
 
-/// Turns a request into a response; implemented by the registry and the metrics endpoint.
+/// Turns a request into a response; implemented by the registry, the admin routes, the HTTP
+/// bootstrap `/id` endpoint and the cleanup probe.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Handles one request.
-    async fn handle(&self, req: &http::Request) -> Response;
-}
+    async fn handle(&self, req: &Request) -> Response;
 
-#[async_trait::async_trait]
-impl Handler for Registry {
-    async fn handle(&self, req: &http::Request) -> Response {
-        Registry::handle(self, req).await
+    /// The `handler` label of the request's HTTP metrics; must come from a fixed set, never
+    /// from the client.
+    fn label(&self, req: &Request) -> &'static str {
+        let _ = req;
+        "other"
+    }
+
+    /// Whether requests under `label` are logged once served (at debug level).
+    fn log_served(&self, label: &'static str) -> bool {
+        let _ = label;
+        false
     }
 }
 
 /// Accepts connections until `shutdown` turns true, then waits for in-flight requests.
 pub async fn serve(
     listener: TcpListener,
-    registry: Arc<dyn Handler>,
+    handler: Arc<dyn Handler>,
     timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -83,10 +84,10 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let registry = registry.clone();
+                let handler = handler.clone();
                 let shutdown = shutdown.clone();
                 tasks.spawn(
-                    connection(stream, peer, registry, timeouts, shutdown)
+                    connection(stream, peer, handler, timeouts, shutdown)
                         .instrument(info_span!("conn", %peer)),
                 );
             }
@@ -102,7 +103,7 @@ pub async fn serve(
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    registry: Arc<dyn Handler>,
+    handler: Arc<dyn Handler>,
     timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -110,7 +111,7 @@ async fn connection(
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let req = tokio::select! {
-            r = http::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
+            r = codec::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
             _ = shutdown.changed() => return,
         };
         let req = match req {
@@ -131,13 +132,13 @@ async fn connection(
         };
         // Request bodies are never read, so the connection cannot be reused after one.
         let keep_alive = req.keep_alive && !req.has_body && !*shutdown.borrow();
-        let label = handler_label(&req.path);
+        let label = handler.label(&req);
         let metrics = crate::metrics::global();
         let inflight = metrics.http_requests_inflight.with_label_values(&[label]);
         inflight.inc();
         let started = std::time::Instant::now();
         let span = info_span!("request", method = %req.method, path = %req.path, %peer);
-        let response = registry.handle(&req).instrument(span.clone()).await;
+        let response = handler.handle(&req).instrument(span.clone()).await;
         let status = response.status;
         let size = if req.is_head() {
             0
@@ -158,7 +159,7 @@ async fn connection(
             .http_response_size
             .with_label_values(&[label, &req.method, &code])
             .observe(size as f64);
-        if label == "/v2/*" {
+        if handler.log_served(label) {
             span.in_scope(|| {
                 debug!(
                     status,
@@ -177,74 +178,4 @@ async fn connection(
             return;
         }
     }
-}
-
-async fn write_response(
-    stream: &mut TcpStream,
-    response: Response,
-    head_only: bool,
-    keep_alive: bool,
-    timeouts: Timeouts,
-) -> std::io::Result<()> {
-    let head = response.head_bytes(keep_alive);
-    let stall = timeouts.write_stall;
-    if head_only {
-        return timed(stall, stream.write_all(&head)).await;
-    }
-    match response.body {
-        Body::Empty => timed(stall, stream.write_all(&head)).await,
-        Body::Bytes(bytes) => {
-            let mut out = Vec::with_capacity(head.len() + bytes.len());
-            out.extend_from_slice(&head);
-            out.extend_from_slice(&bytes);
-            timed(stall, stream.write_all(&out)).await
-        }
-        Body::File { file, offset, len } => {
-            // Cork so the head and the first body bytes share packets; uncork flushes the tail.
-            let corked = sendfile::set_cork(stream, true).is_ok();
-            let result = async {
-                timed(stall, stream.write_all(&head)).await?;
-                sendfile_all(stream, &file, offset, len, stall).await
-            }
-            .await;
-            if corked {
-                let _ = sendfile::set_cork(stream, false);
-            }
-            result
-        }
-        Body::Stream {
-            stream: mut body,
-            len,
-        } => {
-            timed(stall, stream.write_all(&head)).await?;
-            let mut sent = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                let take = chunk.len().min((len - sent) as usize);
-                timed(stall, stream.write_all(&chunk[..take])).await?;
-                sent += take as u64;
-                if sent == len {
-                    break;
-                }
-            }
-            if sent < len {
-                // The promised length cannot be met: closing tells the client the body is short.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "body stream ended early",
-                ));
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Bounds a socket write so a client that stops reading cannot pin the task forever.
-async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
-    stall: Duration,
-    fut: F,
-) -> std::io::Result<()> {
-    tokio::time::timeout(stall, fut)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))?
 }
