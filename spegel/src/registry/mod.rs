@@ -1,25 +1,25 @@
-//! Request routing and the local manifest and blob handlers (§2.1–§2.7).
+//! The OCI registry handler (pull-only): request routing, auth, filters, and the local
+//! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
+//! is given; the HTTP server around it is [`crate::http`].
 
 use std::sync::Arc;
 
-use serde_json::json;
 use tracing::{debug, warn};
 
-use super::http::{Body, Request, Response};
 use crate::{
     auth::BasicAuth,
+    http::{Body, Handler, Request, Response},
     metrics,
     mirror::{Mirror, MirrorRequest},
     oci::{
-        ByteRange, ContentRange, DistributionPath, ErrorCode, Kind, OCTET_STREAM, OciError,
-        is_manifest_media_type,
+        ByteRange, ContentRange, Digest, DistributionPath, ErrorCode, Filters, Kind,
+        MIRRORED_HEADER, OciError, is_manifest_media_type,
+        response::{
+            ContentHead, content_response, not_found_anywhere, oci_error, range_not_satisfiable,
+        },
     },
-    registry::filter::Filters,
-    store::{Content, Store},
+    store::{Content, Descriptor, Store},
 };
-
-/// Header marking a request from a peer, which must never be forwarded again.
-pub const MIRRORED_HEADER: &str = "x-spegel-mirrored";
 
 /// Everything a request handler needs.
 pub struct Registry {
@@ -35,41 +35,6 @@ pub struct Registry {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-/// An OCI error response; HEAD gets the same headers without the body.
-pub fn oci_error(status: u16, error: OciError, head: bool) -> Response {
-    let body = error.body();
-    let len = body.len();
-    let r = Response::empty(status).header("Content-Type", "application/json");
-    if head {
-        r.header("Content-Length", len.to_string())
-    } else {
-        r.body(Body::Bytes(body.into()))
-    }
-}
-
-/// The 404 that tells containerd to try the next host: no peer could serve `id`.
-pub fn not_found_anywhere(
-    kind: Kind,
-    id: &str,
-    attempts: usize,
-    message: &str,
-    head: bool,
-) -> Response {
-    let code = match kind {
-        Kind::Manifest => ErrorCode::ManifestUnknown,
-        Kind::Blob => ErrorCode::BlobUnknown,
-    };
-    oci_error(
-        404,
-        OciError::with_detail(
-            code,
-            format!("{message} {id}"),
-            json!({"attempts": attempts}),
-        ),
-        head,
-    )
-}
-
 /// Metrics label for a request path.
 pub fn handler_label(path: &str) -> &'static str {
     match path {
@@ -77,6 +42,29 @@ pub fn handler_label(path: &str) -> &'static str {
         "/livez" => "/livez",
         p if p.starts_with("/v2") => "/v2/*",
         _ => "other",
+    }
+}
+
+/// Why requested content is not in the local store.
+enum Missing {
+    /// A tag that names no image here.
+    Tag,
+    /// A digest (given or resolved from the tag) without content here.
+    Digest(Digest),
+}
+
+#[async_trait::async_trait]
+impl Handler for Registry {
+    async fn handle(&self, req: &Request) -> Response {
+        Registry::handle(self, req).await
+    }
+
+    fn label(&self, req: &Request) -> &'static str {
+        handler_label(&req.path)
+    }
+
+    fn log_served(&self, label: &'static str) -> bool {
+        label == "/v2/*"
     }
 }
 
@@ -127,24 +115,31 @@ impl Registry {
             _ => None,
         };
         let from_peer = req.header(MIRRORED_HEADER) == Some("true");
-        if !from_peer && !self.present(&path).await {
+        // One store lookup per request; the descriptor found is what the response describes.
+        let found = self.locate(&path).await;
+        if !from_peer && found.is_err() {
             return self.forward(MirrorRequest { path, head, range }).await;
         }
         match path.kind {
-            Kind::Manifest => self.manifest(&path, head).await,
-            Kind::Blob => self.blob(&path, head, range).await,
+            Kind::Manifest => self.manifest(&path, found, head).await,
+            Kind::Blob => self.blob(&path, found, head, range).await,
         }
     }
 
-    async fn present(&self, path: &DistributionPath) -> bool {
-        match &path.reference.digest {
-            Some(d) => self.store.descriptor(d).await.is_ok(),
+    /// Resolves the tag (if any) and looks the digest up, once.
+    async fn locate(&self, path: &DistributionPath) -> Result<Descriptor, Missing> {
+        let digest = match &path.reference.digest {
+            Some(d) => d.clone(),
             None => self
                 .store
                 .resolve(&path.reference.identifier())
                 .await
-                .is_ok(),
-        }
+                .map_err(|_| Missing::Tag)?,
+        };
+        self.store
+            .descriptor(&digest)
+            .await
+            .map_err(|_| Missing::Digest(digest))
     }
 
     async fn forward(&self, request: MirrorRequest) -> Response {
@@ -177,32 +172,38 @@ impl Registry {
         response
     }
 
-    async fn manifest(&self, path: &DistributionPath, head: bool) -> Response {
+    async fn manifest(
+        &self,
+        path: &DistributionPath,
+        found: Result<Descriptor, Missing>,
+        head: bool,
+    ) -> Response {
         let unknown =
             |msg: String| oci_error(404, OciError::new(ErrorCode::ManifestUnknown, msg), head);
-        let digest = match &path.reference.digest {
-            Some(d) => d.clone(),
-            None => {
+        let desc = match found {
+            Ok(d) if is_manifest_media_type(&d.media_type) => d,
+            Ok(d) => return unknown(format!("could not get manifest {}", d.digest)),
+            Err(Missing::Digest(digest)) => {
+                return unknown(format!("could not get manifest {digest}"));
+            }
+            Err(Missing::Tag) => {
                 let id = path.reference.identifier();
-                match self.store.resolve(&id).await {
-                    Ok(d) => d,
-                    Err(_) => return unknown(format!("could not get digest for image tag {id}")),
-                }
+                return unknown(format!("could not get digest for image tag {id}"));
             }
         };
-        let desc = match self.store.descriptor(&digest).await {
-            Ok(d) if is_manifest_media_type(&d.media_type) => d,
-            _ => return unknown(format!("could not get manifest {digest}")),
-        };
-        let response = Response::empty(200)
-            .header("Content-Type", desc.media_type.clone())
-            .header("Content-Length", desc.size.to_string())
-            .header("Docker-Content-Digest", digest.to_string())
-            .header("OCI-Namespace", path.reference.registry.clone());
+        let digest = desc.digest.to_string();
+        let response = content_response(ContentHead {
+            kind: Kind::Manifest,
+            media_type: &desc.media_type,
+            size: desc.size,
+            digest: &digest,
+            namespace: &path.reference.registry,
+            range: None,
+        });
         if head {
             return response;
         }
-        match self.body(&digest, desc.size, None).await {
+        match self.body(&desc, None).await {
             Ok(body) => response.body(body),
             Err(e) => {
                 warn!(%digest, error = %e, "could not open manifest");
@@ -214,6 +215,7 @@ impl Registry {
     async fn blob(
         &self,
         path: &DistributionPath,
+        found: Result<Descriptor, Missing>,
         head: bool,
         range: Option<ByteRange>,
     ) -> Response {
@@ -230,34 +232,26 @@ impl Registry {
                 head,
             )
         };
-        let desc = match self.store.descriptor(digest).await {
+        let desc = match found {
             Ok(d) if !is_manifest_media_type(&d.media_type) => d,
             _ => return unknown(),
         };
         let content_range = match range.map(|r| r.resolve(desc.size)).transpose() {
             Ok(cr) => cr,
-            Err(_) => {
-                return Response::empty(416)
-                    .header("Content-Range", format!("bytes */{}", desc.size));
-            }
+            Err(_) => return range_not_satisfiable(desc.size),
         };
-        let mut response = Response::empty(if content_range.is_some() { 206 } else { 200 })
-            .header("Docker-Content-Digest", digest.to_string())
-            .header("OCI-Namespace", path.reference.registry.clone())
-            .header("Accept-Ranges", "bytes");
-        response = match content_range {
-            Some(cr) => response
-                .header("Content-Type", OCTET_STREAM)
-                .header("Content-Length", cr.len().to_string())
-                .header("Content-Range", cr.to_string()),
-            None => response
-                .header("Content-Type", desc.media_type.clone())
-                .header("Content-Length", desc.size.to_string()),
-        };
+        let response = content_response(ContentHead {
+            kind: Kind::Blob,
+            media_type: &desc.media_type,
+            size: desc.size,
+            digest: &digest.to_string(),
+            namespace: &path.reference.registry,
+            range: content_range,
+        });
         if head {
             return response;
         }
-        match self.body(digest, desc.size, content_range).await {
+        match self.body(&desc, content_range).await {
             Ok(body) => response.body(body),
             Err(e) => {
                 warn!(%digest, error = %e, "could not open blob");
@@ -266,13 +260,13 @@ impl Registry {
         }
     }
 
-    /// The body for `range` (or everything) of content whose descriptor says `size` bytes.
+    /// The body for `range` (or everything) of the content `desc` describes.
     async fn body(
         &self,
-        digest: &crate::oci::Digest,
-        size: u64,
+        desc: &Descriptor,
         range: Option<ContentRange>,
     ) -> Result<Body, crate::store::StoreError> {
+        let (digest, size) = (&desc.digest, desc.size);
         let (offset, len) = range.map(|r| (r.start, r.len())).unwrap_or((0, size));
         Ok(match self.store.open(digest, range).await? {
             Content::File(file) => {
