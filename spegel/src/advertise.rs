@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -15,8 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     metrics,
-    oci::Reference,
-    registry::Filters,
+    oci::{Filters, Reference},
     routing::Router,
     store::{Image, ImageEvent, Store, StoreError},
 };
@@ -29,6 +28,46 @@ struct ImageKeys {
     digests: Vec<String>,
 }
 
+/// One advertised image name, as the admin pages show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdvertisedImage {
+    /// The name as containerd stores it.
+    pub name: String,
+    /// Its registry.
+    pub registry: String,
+    /// The tag key, when tags are advertised and the name has one.
+    pub tag: Option<String>,
+    /// The digest the name points at.
+    pub digest: Option<String>,
+    /// Content digests advertised for it (root included).
+    pub digests: usize,
+}
+
+/// What is advertised right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Advertised {
+    /// Advertised image names, sorted.
+    pub images: Vec<AdvertisedImage>,
+    /// Distinct keys advertised.
+    pub keys: usize,
+}
+
+/// Read-only view of an [`Advertiser`]'s state, updated after every sync and event.
+pub trait AdvertisedView: Send + Sync + 'static {
+    /// The latest snapshot.
+    fn advertised(&self) -> Advertised;
+}
+
+/// Shared snapshot handle; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct AdvertisedHandle(Arc<RwLock<Advertised>>);
+
+impl AdvertisedView for AdvertisedHandle {
+    fn advertised(&self) -> Advertised {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Advertises what the store holds and withdraws what it loses.
 pub struct Advertiser {
     store: Arc<dyn Store>,
@@ -37,6 +76,7 @@ pub struct Advertiser {
     resolve_tags: bool,
     images: HashMap<String, ImageKeys>,
     refcounts: HashMap<String, usize>,
+    view: AdvertisedHandle,
 }
 
 impl Advertiser {
@@ -54,7 +94,13 @@ impl Advertiser {
             resolve_tags,
             images: HashMap::new(),
             refcounts: HashMap::new(),
+            view: AdvertisedHandle::default(),
         }
+    }
+
+    /// A handle on what this advertiser has advertised, for the admin pages.
+    pub fn view(&self) -> AdvertisedHandle {
+        self.view.clone()
     }
 
     /// Every key currently advertised.
@@ -229,6 +275,7 @@ impl Advertiser {
     }
 
     fn update_gauges(&self) {
+        self.publish();
         let m = metrics::global();
         let mut tags: HashMap<&str, HashSet<&String>> = HashMap::new();
         let mut images: HashMap<&str, HashSet<&String>> = HashMap::new();
@@ -264,6 +311,29 @@ impl Advertiser {
                 .with_label_values(&[registry])
                 .set(set.len() as f64);
         }
+    }
+}
+
+impl Advertiser {
+    /// Publishes the current state to the [`AdvertisedHandle`].
+    fn publish(&self) {
+        let mut images: Vec<AdvertisedImage> = self
+            .images
+            .iter()
+            .map(|(name, keys)| AdvertisedImage {
+                name: name.clone(),
+                registry: keys.registry.clone(),
+                tag: keys.tag.clone(),
+                digest: keys.digests.first().cloned(),
+                digests: keys.digests.len(),
+            })
+            .collect();
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        let snapshot = Advertised {
+            images,
+            keys: self.refcounts.len(),
+        };
+        *self.view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 }
 
@@ -346,6 +416,13 @@ mod tests {
         want.insert("docker.io/library/a:1".into());
         assert_eq!(*router.keys.lock().unwrap(), want);
         assert_eq!(adv.advertised(), want);
+        let view = adv.view().advertised();
+        assert_eq!(view.keys, want.len());
+        assert_eq!(view.images.len(), 1);
+        assert_eq!(view.images[0].name, "docker.io/library/a:1");
+        assert_eq!(view.images[0].tag.as_deref(), Some("docker.io/library/a:1"));
+        assert_eq!(view.images[0].digest, Some(m1.to_string()));
+        assert_eq!(view.images[0].digests, keys1.len());
 
         // A second tag of the same content, created live: only the tag is new.
         store.add_image("docker.io/library/a:2", m1.clone());

@@ -165,6 +165,17 @@ pub struct RegistryArgs {
     /// Most providers to discover per lookup.
     #[arg(long, env = "MIRROR_RESOLVE_RETRIES", default_value = "3")]
     pub mirror_resolve_retries: usize,
+    /// Lower bound of the wait for a peer's response headers before a race gives up
+    /// (the wait is `max(2 x p90 latency, this)`). Not a flag of the original.
+    #[arg(long, env = "MIRROR_RACE_TIMEOUT_FLOOR", default_value = "100ms", value_parser = parse_duration)]
+    pub mirror_race_timeout_floor: Duration,
+    /// Times a broken blob body from a peer is resumed from another. Not a flag of the original.
+    #[arg(long, env = "MIRROR_MAX_RESUMES", default_value = "5")]
+    pub mirror_max_resumes: usize,
+    /// A peer body that delivers nothing for this long counts as broken. Not a flag of the
+    /// original.
+    #[arg(long, env = "MIRROR_BODY_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub mirror_body_stall_timeout: Duration,
     /// Serve the debug web UI on the metrics listener.
     #[arg(long, env = "DEBUG_WEB_ENABLED", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub debug_web_enabled: bool,
@@ -278,32 +289,7 @@ fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
     }
 }
 
-/// Turns a Go-style listen address (`:5000`, `127.0.0.1:5000`, `[::1]:5000`) into a socket address.
-pub fn parse_listen_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
-    let normalized = if let Some(port) = addr.strip_prefix(':') {
-        format!("[::]:{port}")
-    } else {
-        addr.to_string()
-    };
-    normalized
-        .parse()
-        .map_err(|e| format!("invalid listen address {addr:?}: {e}"))
-}
-
-/// Binds a Go-style listen address; `:port` listens on every interface, IPv6 and IPv4 where
-/// the node has IPv6, IPv4 only where it does not.
-pub async fn bind_listen_addr(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    let parsed = parse_listen_addr(addr)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    match tokio::net::TcpListener::bind(parsed).await {
-        Ok(l) => Ok(l),
-        Err(e) if parsed.ip() == std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
-            tracing::debug!(error = %e, "IPv6 listen failed, using IPv4");
-            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, parsed.port())).await
-        }
-        Err(e) => Err(e),
-    }
-}
+pub use crate::net::{bind_listen_addr, parse_listen_addr};
 
 #[cfg(test)]
 mod tests {
@@ -357,6 +343,9 @@ mod tests {
         assert_eq!(args.mirror_resolve_timeout, Duration::from_millis(50));
         assert!(!args.debug_web_enabled);
         assert_eq!(args.mirror_resolve_retries, 3);
+        assert_eq!(args.mirror_race_timeout_floor, Duration::from_millis(100));
+        assert_eq!(args.mirror_max_resumes, 5);
+        assert_eq!(args.mirror_body_stall_timeout, Duration::from_secs(30));
         assert_eq!(args.registry_addr, ":5000");
 
         let cli = Cli::try_parse_from([

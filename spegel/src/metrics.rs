@@ -14,7 +14,7 @@ pub struct Metrics {
     pub mirror_requests_total: IntCounterVec,
     /// `spegel_mirror_last_success_timestamp_seconds`: Unix time of the last successful mirror.
     pub mirror_last_success: Gauge,
-    /// `spegel_resolve_duration_seconds{router}`: lookup start to each provider found.
+    /// `spegel_resolve_duration_seconds{router}`: lookup start to the first provider found, once per mirror lookup.
     pub resolve_duration: HistogramVec,
     /// `spegel_advertised_image_tags{registry}`.
     pub advertised_image_tags: GaugeVec,

@@ -14,12 +14,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use spegel::{
     auth::BasicAuth,
+    http::{self, Body, Handler, Request, Response, Timeouts},
     mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror},
-    oci::{ByteRange, DistributionPath, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
-    registry::{
-        self, Filters, Handler, Registry, Timeouts,
-        http::{Body, Request, Response},
-    },
+    oci::{ByteRange, DistributionPath, Filters, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
+    registry::Registry,
     routing::{Peer, Router, RoutingError},
     store::MemoryStore,
 };
@@ -215,6 +213,14 @@ impl Handler for Recording {
         });
         self.inner.handle(req).await
     }
+
+    fn label(&self, req: &Request) -> &'static str {
+        self.inner.label(req)
+    }
+
+    fn log_served(&self, label: &'static str) -> bool {
+        self.inner.log_served(label)
+    }
 }
 
 /// A real registry server (optionally with a mirror of its own).
@@ -248,7 +254,7 @@ async fn registry_server(
         head: Duration::from_secs(2),
         write_stall: Duration::from_secs(5),
     };
-    tokio::spawn(registry::serve(listener, Arc::new(handler), timeouts, rx));
+    tokio::spawn(http::serve(listener, Arc::new(handler), timeouts, rx));
     Server {
         addr,
         log,
@@ -485,7 +491,8 @@ async fn first_good_peer_wins_with_headers_and_auth() {
         resp.get_header("content-length"),
         Some(f.layer_data.len().to_string().as_str())
     );
-    assert_eq!(resp.get_header("oci-namespace"), None);
+    // Issue 8 item 6: mirrored responses carry OCI-Namespace like local ones (Spegel #1101).
+    assert_eq!(resp.get_header("oci-namespace"), Some("docker.io"));
     assert_eq!(body_of(resp).await.unwrap(), f.layer_data);
 
     assert_eq!(router.lookups.lock().unwrap()[0], (f.layer.clone(), 3));

@@ -1,4 +1,7 @@
-//! Forwarding requests for content this node lacks to peers that advertised it.
+//! Forwarding requests for content this node lacks to peers that advertised it: provider
+//! lookup through the [`Router`], peer choice ([`PeerSelector`]), hedged races (`race`),
+//! resuming bodies (`body`), and the OCI requests to peers (`client`, over
+//! [`crate::http::Client`]). The registry sees only the [`Mirror`] trait.
 
 mod body;
 mod client;
@@ -12,13 +15,13 @@ use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use selector::{LatencySelector, Outcome, PeerSelector};
+pub use selector::{LatencySelector, Outcome, PeerSelector, PeerStat, SelectorStats};
 
 use crate::{
-    oci::{ByteRange, DistributionPath, Kind, OCTET_STREAM},
-    registry::{
-        http::{Body, Response},
-        not_found_anywhere,
+    http::{Body, Response},
+    oci::{
+        ByteRange, DistributionPath, Kind,
+        response::{ContentHead, content_response, not_found_anywhere, range_not_satisfiable},
     },
     routing::Router,
 };
@@ -118,9 +121,18 @@ pub struct PeerMirror {
 }
 
 impl PeerMirror {
-    /// A mirror looking providers up in `router`.
+    /// A mirror looking providers up in `router`, with its own pooled HTTP client.
     pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Result<Self, MirrorError> {
-        let client = PeerClient::new(config.basic_auth_header.as_deref())?;
+        Self::with_client(router, config, crate::http::Client::new(Default::default()))
+    }
+
+    /// A mirror sending its peer requests through `http_client`.
+    pub fn with_client(
+        router: Arc<dyn Router>,
+        config: MirrorConfig,
+        http_client: crate::http::Client,
+    ) -> Result<Self, MirrorError> {
+        let client = PeerClient::new(config.basic_auth_header.as_deref(), http_client)?;
         Ok(PeerMirror {
             shared: Arc::new(Shared {
                 router,
@@ -184,42 +196,22 @@ impl PeerMirror {
                         attempts,
                         "waited too long for inflight dials to complete for",
                     ),
-                    RaceError::Unsatisfiable { size } => {
-                        Response::empty(416).header("Content-Range", format!("bytes */{size}"))
-                    }
+                    RaceError::Unsatisfiable { size } => range_not_satisfiable(size),
                 };
             }
         };
         let fetched = &winner.fetched;
-        let mut response = Response::empty(200);
-        let (start, len) = match kind {
-            Kind::Manifest => {
-                response = response
-                    .header("Content-Type", fetched.media_type.clone())
-                    .header("Content-Length", fetched.size.to_string());
-                (0, fetched.size)
-            }
-            Kind::Blob => {
-                response = response.header("Accept-Ranges", "bytes");
-                match fetched.range {
-                    Some(cr) => {
-                        response.status = 206;
-                        response = response
-                            .header("Content-Type", OCTET_STREAM)
-                            .header("Content-Range", cr.to_string())
-                            .header("Content-Length", cr.len().to_string());
-                        (cr.start, cr.len())
-                    }
-                    None => {
-                        response = response
-                            .header("Content-Type", fetched.media_type.clone())
-                            .header("Content-Length", fetched.size.to_string());
-                        (0, fetched.size)
-                    }
-                }
-            }
-        };
-        response = response.header("Docker-Content-Digest", fetched.digest.clone());
+        // Manifests are never asked for by range, so only a blob carries one.
+        let range = fetched.range.filter(|_| kind == Kind::Blob);
+        let (start, len) = range.map_or((0, fetched.size), |cr| (cr.start, cr.len()));
+        let response = content_response(ContentHead {
+            kind,
+            media_type: &fetched.media_type,
+            size: fetched.size,
+            digest: &fetched.digest,
+            namespace: &request.path.reference.registry,
+            range,
+        });
         debug!(peer = %winner.peer.id, status = response.status, len, "forwarding peer response");
         if head || len == 0 {
             return response;

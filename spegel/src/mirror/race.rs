@@ -59,6 +59,8 @@ pub struct Pool {
     key: Arc<str>,
     lookup: Option<mpsc::Receiver<Peer>>,
     started: Instant,
+    /// Whether `spegel_resolve_duration_seconds` has been observed for this lookup.
+    resolved: bool,
     known: Vec<Known>,
 }
 
@@ -69,6 +71,7 @@ impl Pool {
             key,
             lookup: Some(lookup),
             started: Instant::now(),
+            resolved: false,
             known: Vec::new(),
         }
     }
@@ -79,10 +82,14 @@ impl Pool {
     }
 
     fn add(&mut self, peer: Peer) {
-        crate::metrics::global()
-            .resolve_duration
-            .with_label_values(&["libp2p"])
-            .observe(self.started.elapsed().as_secs_f64());
+        // Once per lookup: the time until the first provider was known.
+        if !self.resolved {
+            self.resolved = true;
+            crate::metrics::global()
+                .resolve_duration
+                .with_label_values(&["libp2p"])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
         if self.known.iter().any(|k| k.peer.id == peer.id) {
             return;
         }

@@ -85,12 +85,64 @@ impl LatencySelector {
     }
 
     /// Fetches of `key` from `peer` currently in flight.
+    #[cfg(test)]
     pub fn inflight(&self, key: &str, peer: &Peer) -> usize {
         self.lock()
             .inflight
             .get(&(key.to_string(), peer.id.clone()))
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// What a selector knows of one peer, for the admin pages.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerStat {
+    /// Peer ID.
+    pub id: String,
+    /// Moving average of response-header latency, once measured.
+    pub latency_ms: Option<f64>,
+    /// Recent failures, decayed (1.0 = one failure just now).
+    pub penalty: f64,
+    /// Fetches from this peer in flight, over all keys.
+    pub inflight: usize,
+}
+
+/// Read-only view of a selector's per-peer statistics.
+pub trait SelectorStats: Send + Sync + 'static {
+    /// One entry per known peer, sorted by ID.
+    fn peer_stats(&self) -> Vec<PeerStat>;
+}
+
+impl SelectorStats for LatencySelector {
+    fn peer_stats(&self) -> Vec<PeerStat> {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut inflight: HashMap<&str, usize> = HashMap::new();
+        for ((_, peer), n) in &state.inflight {
+            *inflight.entry(peer.as_str()).or_default() += n;
+        }
+        let mut ids: Vec<&String> = state.peers.keys().collect();
+        ids.extend(
+            state
+                .inflight
+                .keys()
+                .map(|(_, p)| p)
+                .filter(|p| !state.peers.contains_key(*p)),
+        );
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                let stats = state.peers.get(id);
+                PeerStat {
+                    id: id.clone(),
+                    latency_ms: stats.and_then(|s| s.latency_ms),
+                    penalty: stats.map_or(0.0, |s| s.decayed_penalty(now)),
+                    inflight: inflight.get(id.as_str()).copied().unwrap_or(0),
+                }
+            })
+            .collect()
     }
 }
 
@@ -214,6 +266,11 @@ mod tests {
         // Other keys are not affected by in-flight fetches of "k".
         s.order("other", &mut peers);
         assert_eq!(ids(&peers), ["a", "b"]);
+        let stats = s.peer_stats();
+        assert_eq!(stats.len(), 2);
+        assert_eq!((stats[0].id.as_str(), stats[0].inflight), ("a", 1));
+        assert!(stats[0].latency_ms.is_some_and(|l| (l - 1.0).abs() < 1e-6));
+        assert_eq!((stats[1].id.as_str(), stats[1].inflight), ("b", 0));
         s.finish("k", &a);
         assert_eq!(s.inflight("k", &a), 0);
         s.order("k", &mut peers);

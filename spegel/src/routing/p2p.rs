@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -29,8 +29,9 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Bootstrapper, Peer, Router, RoutingError, load_or_create_identity, multihash_key};
-use crate::metrics;
+use super::{
+    Bootstrapper, Peer, Router, RouterView, RoutingError, load_or_create_identity, multihash_key,
+};
 
 /// Kademlia protocol shared by every spegel node (a private DHT, never the IPFS one).
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
@@ -104,9 +105,8 @@ struct Shared {
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
     let bad = || RoutingError::Setup(format!("invalid router address {router_addr:?}"));
-    let (host, port) = router_addr.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_matches(['[', ']']);
+    let (host, port) =
+        crate::net::split_host_port(router_addr).map_err(|e| RoutingError::Setup(e.to_string()))?;
     if host.is_empty() {
         return Ok(vec![
             Multiaddr::from(IpAddr::from([0u8, 0, 0, 0])).with(Protocol::Tcp(port)),
@@ -308,6 +308,18 @@ impl P2pRouter {
     }
 }
 
+impl RouterView for P2pRouter {
+    fn local_peer_id(&self) -> String {
+        P2pRouter::local_peer_id(self)
+    }
+    fn listen_addrs(&self) -> Vec<String> {
+        P2pRouter::listen_addrs(self)
+    }
+    fn peers(&self) -> Vec<(String, Vec<String>)> {
+        P2pRouter::peers(self)
+    }
+}
+
 #[async_trait]
 impl Router for P2pRouter {
     fn ready(&self) -> bool {
@@ -343,7 +355,6 @@ struct Lookup {
     tx: mpsc::Sender<Peer>,
     remaining: usize,
     seen: HashSet<PeerId>,
-    started: Instant,
 }
 
 #[derive(Default)]
@@ -444,7 +455,6 @@ impl EventLoop {
                         tx,
                         remaining: count,
                         seen: HashSet::new(),
-                        started: Instant::now(),
                     },
                 );
                 let _ = reply.send(rx);
@@ -712,10 +722,6 @@ impl EventLoop {
                         .map(|ip| SocketAddr::new(ip, port))
                         .collect(),
                 };
-                metrics::global()
-                    .resolve_duration
-                    .with_label_values(&["libp2p"])
-                    .observe(lookup.started.elapsed().as_secs_f64());
                 if lookup.tx.try_send(peer).is_err() {
                     finished = true;
                     break;
