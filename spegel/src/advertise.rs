@@ -33,6 +33,8 @@ struct ImageKeys {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between re-subscription attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A synced subscription that lasted this long worked, even if containerd never answered it.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Doubling delay between `min` and `max`, back to `min` on [`Backoff::reset`].
 #[derive(Debug)]
@@ -214,10 +216,10 @@ impl Advertiser {
             }
         };
         Session {
-            // A quiet node never sees the subscription answer; lasting longer than the
-            // longest backoff counts as working too, so a later restart starts from the
-            // shortest delay again.
-            worked: worked || started.elapsed() >= BACKOFF_MAX,
+            // A quiet node never sees the subscription answer; a synced subscription that
+            // held for a while counts as working too, so a later restart starts from the
+            // shortest delay again, while one that breaks at once keeps backing off.
+            worked: worked || started.elapsed() >= STABLE_AFTER,
             result,
         }
     }
