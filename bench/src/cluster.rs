@@ -89,6 +89,11 @@ impl Cluster {
         &self.nodes[k - 1]
     }
 
+    /// containerd of node `k` (1-based), to stop or restart it.
+    pub fn node_mut(&mut self, k: usize) -> &mut Containerd {
+        &mut self.nodes[k - 1]
+    }
+
     /// The network.
     pub fn network(&self) -> &Network {
         &self.net

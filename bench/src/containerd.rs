@@ -78,17 +78,21 @@ state = "{d}/state"
             d = dir.display()
         );
         std::fs::write(dir.join("config.toml"), config)?;
-        let mut cmd = command_in(netns, "/usr/bin/containerd");
-        cmd.arg("-c").arg(dir.join("config.toml"));
-        let process = Process::spawn("containerd", cmd, &dir.join("containerd.log"))?;
-        let mut ctd = Containerd {
+        let process = Self::spawn_and_wait(&dir, netns)?;
+        Ok(Containerd {
             dir,
             netns: netns.map(str::to_string),
             process,
-        };
-        let sock = ctd.socket();
+        })
+    }
+
+    /// Starts containerd with the config under `dir` and waits until it answers.
+    fn spawn_and_wait(dir: &Path, netns: Option<&str>) -> anyhow::Result<Process> {
+        let mut cmd = command_in(netns, "/usr/bin/containerd");
+        cmd.arg("-c").arg(dir.join("config.toml"));
+        let mut process = Process::spawn("containerd", cmd, &dir.join("containerd.log"))?;
+        let sock = dir.join("containerd.sock");
         let mut exited = None;
-        let process = &mut ctd.process;
         let res = wait_for("containerd to answer", Duration::from_secs(30), || {
             // A containerd that died (bad config, socket in use) will never answer.
             exited = process.try_wait();
@@ -108,11 +112,25 @@ state = "{d}/state"
             None => res,
         };
         if let Err(e) = res {
-            let tail = ctd.process.log_tail();
-            ctd.process.stop();
+            let tail = process.log_tail();
+            process.stop();
             bail!("{e}\ncontainerd log:\n{tail}");
         }
-        Ok(ctd)
+        Ok(process)
+    }
+
+    /// Starts containerd again with the same root, state, socket and namespace, after
+    /// [`Containerd::stop`] (or stops it first, by PID, when it still runs), and waits until it
+    /// answers: a containerd restart under running clients.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.stop();
+        self.process = Self::spawn_and_wait(&self.dir, self.netns.as_deref())?;
+        Ok(())
+    }
+
+    /// Whether containerd is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
     }
 
     /// The gRPC socket.

@@ -28,7 +28,15 @@ pub struct Metrics {
     pub http_response_size: HistogramVec,
     /// `http_requests_inflight{handler}`.
     pub http_requests_inflight: GaugeVec,
+    /// `spegel_store_content_opens_total{path}`: content opened by data path,
+    /// [`CONTENT_PATH_FILE`] or [`CONTENT_PATH_STREAM`] (not in the original).
+    pub content_opens: IntCounterVec,
 }
+
+/// `path` label: content read from containerd's content directory (bodies go out with sendfile).
+pub const CONTENT_PATH_FILE: &str = "file";
+/// `path` label: content streamed through containerd's content API (a userspace copy).
+pub const CONTENT_PATH_STREAM: &str = "stream";
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only reachable with a programming error in the static definitions below.
@@ -100,6 +108,13 @@ impl Metrics {
                 ),
                 &["handler"],
             )),
+            content_opens: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_store_content_opens_total",
+                    "Content opened from the store, by data path: file (sent with sendfile) or stream (containerd content API).",
+                ),
+                &["path"],
+            )),
             registry,
         };
         must(
@@ -129,6 +144,7 @@ impl Metrics {
             m.registry
                 .register(Box::new(m.http_requests_inflight.clone())),
         );
+        must(m.registry.register(Box::new(m.content_opens.clone())));
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));

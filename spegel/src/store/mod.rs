@@ -73,9 +73,12 @@ pub enum StoreError {
     /// The image or content does not exist.
     #[error("not found: {0}")]
     NotFound(String),
-    /// containerd could not be reached or answered with an error.
+    /// containerd answered with an error.
     #[error("containerd: {0}")]
     Backend(String),
+    /// containerd could not be reached (not running, restarting).
+    #[error("containerd unavailable: {0}")]
+    Unavailable(String),
     /// Content exists but is unusable (e.g. a file that is not a regular file).
     #[error("invalid content: {0}")]
     Invalid(String),
@@ -88,6 +91,11 @@ impl StoreError {
     /// Whether this error means the content simply is not here.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound(_))
+    }
+
+    /// Whether the backend could not be reached, so nothing can be concluded about content.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
     }
 }
 
