@@ -11,3 +11,4 @@ pub mod oci;
 pub mod registry;
 pub mod routing;
 pub mod store;
+pub mod telemetry;

@@ -10,7 +10,7 @@ use spegel::{
     config::{
         Cli, Command, RegistryArgs, VersionArgs, VersionFormat, bind_listen_addr, parse_listen_addr,
     },
-    mirror::{MirrorConfig, PeerMirror},
+    mirror::{MirrorConfig, PeerMirror, selector_for},
     registry::{self, Filters, Registry, Timeouts, http},
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, serve_http_bootstrap},
     store::{ContainerdStore, ContainerdStoreConfig, Store},
@@ -85,6 +85,13 @@ async fn shutdown_signal() {
 }
 
 async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
+    // First: the probes see only sockets created after they attach.
+    let telemetry = spegel::telemetry::setup(args.ebpf, || {
+        Err::<spegel::telemetry::StaticTelemetry, _>("this build does not include the eBPF probes")
+    })?;
+    let selection = spegel::telemetry::choose_selection(args.peer_selection, true);
+    let selector = selector_for(selection, Some(telemetry.source.clone()));
+    info!(selection = ?selection, telemetry = telemetry.source.source(), "peer selection");
     let filters = Filters::new(
         &args.mirrored_registries,
         &args.effective_registry_filters(),
@@ -136,9 +143,27 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
             resolve_timeout: args.mirror_resolve_timeout,
             resolve_retries: args.mirror_resolve_retries.max(1),
             basic_auth_header: basic_auth.as_ref().map(|a| a.header_value()),
+            selector: selector.clone(),
+            telemetry: Some(telemetry.source.clone()),
+            connection_telemetry: Some(telemetry.userspace.clone()),
             ..Default::default()
         },
     )?;
+    let upkeep_router = router.clone();
+    let upkeep = tokio::spawn(spegel::telemetry::maintain(
+        move || {
+            upkeep_router
+                .peers()
+                .into_iter()
+                .flat_map(|(_, addrs)| addrs)
+                .filter_map(|a| spegel::telemetry::multiaddr_socket_addr(&a))
+                .collect()
+        },
+        (!telemetry.ebpf_enabled).then(|| telemetry.userspace.clone()),
+        Some(telemetry.source.clone()),
+        move |ip| selector.throughput(ip),
+        std::time::Duration::from_secs(10),
+    ));
     let ready_router = router.clone();
     let registry = Arc::new(Registry {
         store,
@@ -192,6 +217,7 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
     // Tell peers first, so they stop routing to us while in-flight requests finish.
     router.shutdown().await;
     advertise_task.abort();
+    upkeep.abort();
     let _ = shutdown_tx.send(true);
     for task in servers {
         task.await

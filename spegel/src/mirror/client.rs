@@ -16,6 +16,7 @@ use crate::{
     oci::{ByteRange, ContentRange, DistributionPath, Kind, MANIFEST_MEDIA_TYPES, OCTET_STREAM},
     registry::MIRRORED_HEADER,
     routing::Peer,
+    telemetry::{TrackingConnector, UserspaceTelemetry},
 };
 
 /// Delay between connection attempts to a peer's successive addresses (Happy Eyeballs).
@@ -77,13 +78,17 @@ pub enum FetchError {
 /// Sends requests to peers' registries.
 #[derive(Clone)]
 pub struct PeerClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: Client<TrackingConnector, Empty<Bytes>>,
     authorization: Option<HeaderValue>,
 }
 
 impl PeerClient {
-    /// A pooled HTTP/1.1 client; `authorization` is sent verbatim on every request.
-    pub fn new(authorization: Option<&str>) -> Result<Self, http::header::InvalidHeaderValue> {
+    /// A pooled HTTP/1.1 client; `authorization` is sent verbatim on every request, and its
+    /// connections are measured into `telemetry` when given.
+    pub fn new(
+        authorization: Option<&str>,
+        telemetry: Option<std::sync::Arc<UserspaceTelemetry>>,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(30)));
@@ -93,7 +98,7 @@ impl PeerClient {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(100)
-            .build(connector);
+            .build(TrackingConnector::new(connector, telemetry));
         let authorization = authorization
             .map(|a| {
                 let mut v = HeaderValue::from_str(a)?;

@@ -2,6 +2,7 @@
 
 mod body;
 mod client;
+mod cost;
 mod hedger;
 mod race;
 mod selector;
@@ -11,8 +12,9 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use selector::{LatencySelector, Outcome, PeerSelector};
+pub use selector::{LatencySelector, LeastUsedSelector, Outcome, PeerSelector};
 
 use crate::{
     oci::{ByteRange, DistributionPath, Kind, OCTET_STREAM},
@@ -21,10 +23,24 @@ use crate::{
         not_found_anywhere,
     },
     routing::Router,
+    telemetry::{AdaptiveTimeouts, NetTelemetry, UserspaceTelemetry},
 };
 use body::ResumingBody;
 use client::{FetchSpec, PeerClient};
 use race::{Pool, RaceError, race};
+
+/// The selector for `selection`, fed by `telemetry` where it uses telemetry.
+pub fn selector_for(
+    selection: crate::telemetry::PeerSelection,
+    telemetry: Option<Arc<dyn NetTelemetry>>,
+) -> Arc<dyn PeerSelector> {
+    use crate::telemetry::PeerSelection;
+    match selection {
+        PeerSelection::Telemetry => Arc::new(TelemetrySelector::new(telemetry)),
+        PeerSelection::Latency => Arc::new(LatencySelector::new()),
+        PeerSelection::LeastUsed => Arc::new(LeastUsedSelector::new()),
+    }
+}
 
 /// A pull request the local store could not serve.
 #[derive(Debug, Clone)]
@@ -63,6 +79,11 @@ pub struct MirrorConfig {
     pub max_resumes: usize,
     /// A peer body that delivers nothing for this long counts as broken.
     pub body_stall_timeout: Duration,
+    /// Peer RTTs that stretch the resolve, race and hedge timeouts (configured values are
+    /// the floor); `None` keeps them as configured.
+    pub telemetry: Option<Arc<dyn NetTelemetry>>,
+    /// Where the peer client records its connections (connect time, `TCP_INFO`), if anywhere.
+    pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
 }
 
 impl Default for MirrorConfig {
@@ -76,6 +97,8 @@ impl Default for MirrorConfig {
             race_timeout_floor: Duration::from_millis(100),
             max_resumes: 5,
             body_stall_timeout: Duration::from_secs(30),
+            telemetry: None,
+            connection_telemetry: None,
         }
     }
 }
@@ -90,6 +113,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("race_timeout_floor", &self.race_timeout_floor)
             .field("max_resumes", &self.max_resumes)
             .field("body_stall_timeout", &self.body_stall_timeout)
+            .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
+            .field("connection_telemetry", &self.connection_telemetry.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +133,7 @@ struct Shared {
     client: PeerClient,
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
+    timeouts: AdaptiveTimeouts,
     config: MirrorConfig,
 }
 
@@ -120,13 +146,17 @@ pub struct PeerMirror {
 impl PeerMirror {
     /// A mirror looking providers up in `router`.
     pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Result<Self, MirrorError> {
-        let client = PeerClient::new(config.basic_auth_header.as_deref())?;
+        let client = PeerClient::new(
+            config.basic_auth_header.as_deref(),
+            config.connection_telemetry.clone(),
+        )?;
         Ok(PeerMirror {
             shared: Arc::new(Shared {
                 router,
                 client,
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
+                timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
                 config,
             }),
         })
@@ -135,6 +165,11 @@ impl PeerMirror {
     /// The hedge timing shared by this mirror's forwards.
     pub fn hedger(&self) -> &Hedger {
         &self.shared.hedger
+    }
+
+    /// The selector ordering this mirror's providers (for metrics of what it measured).
+    pub fn selector(&self) -> &Arc<dyn PeerSelector> {
+        &self.shared.selector
     }
 
     async fn forward_inner(
