@@ -14,13 +14,19 @@ use crate::{
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
     http::{self, Timeouts},
-    mirror::{LatencySelector, MirrorConfig, MirrorError, PeerMirror},
+    mirror::{MirrorConfig, MirrorError, PeerMirror, selector_for},
     net::{AddrError, parse_listen_addr, split_host_port},
     oci::{FilterError, Filters},
     registry::Registry,
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RoutingError, serve_http_bootstrap},
     store::{ContainerdStore, ContainerdStoreConfig, Store, StoreError},
+    telemetry::{
+        self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, multiaddr_socket_addr,
+    },
 };
+
+/// How often per-peer metrics are exported and, without eBPF, unmeasured peers probed.
+const TELEMETRY_UPKEEP: Duration = Duration::from_secs(10);
 
 /// Why the flags do not make a valid configuration.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +78,9 @@ pub enum AppError {
     /// A server task panicked.
     #[error("server task panicked")]
     Panicked,
+    /// `--ebpf=on` and the probes could not be loaded.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Listen addresses.
@@ -98,7 +107,16 @@ pub struct RoutingConfig {
     pub bootstrap: Option<Bootstrapper>,
 }
 
-/// Mirror settings (the peer selector is fixed: [`LatencySelector`]).
+/// Peer telemetry and selection.
+#[derive(Debug, Clone, Copy)]
+pub struct TelemetryConfig {
+    /// Whether to load the eBPF probes.
+    pub ebpf: EbpfMode,
+    /// The selector the flag asks for; `None` picks by what telemetry is available.
+    pub peer_selection: Option<PeerSelection>,
+}
+
+/// Mirror settings.
 #[derive(Debug, Clone)]
 pub struct MirrorSettings {
     /// Longest wait for a provider while nothing is in flight.
@@ -128,6 +146,8 @@ pub struct AppConfig {
     pub resolve_tags: bool,
     /// Peer forwarding.
     pub mirror: MirrorSettings,
+    /// Peer telemetry and selection.
+    pub telemetry: TelemetryConfig,
     /// Basic auth required of clients and sent to peers.
     pub auth: Option<BasicAuth>,
     /// Serve `/debug/web/*` on the metrics listener.
@@ -181,6 +201,10 @@ impl AppConfig {
                 race_timeout_floor: args.mirror_race_timeout_floor,
                 max_resumes: args.mirror_max_resumes,
                 body_stall_timeout: args.mirror_body_stall_timeout,
+            },
+            telemetry: TelemetryConfig {
+                ebpf: args.ebpf,
+                peer_selection: args.peer_selection,
             },
             auth: auth::load(auth_dir)?,
             debug_web: args.debug_web_enabled,
@@ -255,6 +279,8 @@ pub struct App {
     router: P2pRouter,
     router_task: JoinHandle<()>,
     advertise_task: JoinHandle<()>,
+    upkeep_task: JoinHandle<()>,
+    kernel: Option<Arc<KernelTelemetry>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     shutdown: watch::Sender<bool>,
 }
@@ -269,6 +295,18 @@ impl App {
     /// Connects to containerd, binds the listeners, starts the router and the advertiser, and
     /// serves the registry, admin and (when configured) HTTP bootstrap endpoints.
     pub async fn start(config: AppConfig) -> Result<App, AppError> {
+        // First: the probes see only sockets created after they attach.
+        let mut kernel = None;
+        let telemetry = telemetry::setup(config.telemetry.ebpf, || {
+            KernelTelemetry::load().map(|k| {
+                let k = Arc::new(k);
+                kernel = Some(k.clone());
+                k
+            })
+        })?;
+        let selection = telemetry::choose_selection(config.telemetry.peer_selection, true);
+        let selector = selector_for(selection, Some(telemetry.source.clone()));
+        info!(selection = ?selection, telemetry = telemetry.source.source(), "peer selection");
         let store: Arc<dyn Store> = Arc::new(ContainerdStore::connect(config.store).await?);
         let registry_listener = bind("registry", config.listen.registry).await?;
         let metrics_listener = bind("metrics", config.listen.metrics).await?;
@@ -292,7 +330,6 @@ impl App {
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
 
-        let selector = Arc::new(LatencySelector::new());
         let mirror = PeerMirror::new(
             shared_router,
             MirrorConfig {
@@ -303,9 +340,27 @@ impl App {
                 race_timeout_floor: config.mirror.race_timeout_floor,
                 max_resumes: config.mirror.max_resumes,
                 body_stall_timeout: config.mirror.body_stall_timeout,
+                telemetry: Some(telemetry.source.clone()),
+                connection_telemetry: Some(telemetry.userspace.clone()),
                 ..Default::default()
             },
         )?;
+        let upkeep_router = router.clone();
+        let throughput = selector.clone();
+        let upkeep_task = tokio::spawn(telemetry::maintain(
+            move || {
+                upkeep_router
+                    .peers()
+                    .into_iter()
+                    .flat_map(|(_, addrs)| addrs)
+                    .filter_map(|a| multiaddr_socket_addr(&a))
+                    .collect()
+            },
+            (!telemetry.ebpf_enabled).then(|| telemetry.userspace.clone()),
+            Some(telemetry.source.clone()),
+            move |ip| throughput.throughput(ip),
+            TELEMETRY_UPKEEP,
+        ));
         let ready_router = router.clone();
         let registry = Registry {
             store,
@@ -355,6 +410,8 @@ impl App {
             router,
             router_task,
             advertise_task,
+            upkeep_task,
+            kernel,
             servers,
             shutdown,
         })
@@ -375,6 +432,7 @@ impl App {
         // Tell peers first, so they stop routing to us while in-flight requests finish.
         self.router.shutdown().await;
         self.advertise_task.abort();
+        self.upkeep_task.abort();
         let _ = self.shutdown.send(true);
         for task in self.servers {
             task.await
@@ -382,6 +440,9 @@ impl App {
                 .map_err(AppError::Serve)?;
         }
         self.router_task.abort();
+        if let Some(kernel) = &self.kernel {
+            kernel.release();
+        }
         Ok(())
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 
+pub use crate::telemetry::{EbpfMode, PeerSelection};
+
 /// Top-level command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -203,6 +205,13 @@ pub struct RegistryArgs {
     /// How long a provider record lives without being re-provided.
     #[arg(long, env = "ADVERTISE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub advertise_ttl: Duration,
+    /// Kernel telemetry: auto (load if possible), on (failure is fatal) or off.
+    #[arg(long, env = "EBPF", default_value = "auto")]
+    pub ebpf: EbpfMode,
+    /// Peer choice: telemetry, latency or least-used; default telemetry whenever a telemetry
+    /// source runs (userspace measurements count), else latency.
+    #[arg(long, env = "PEER_SELECTION")]
+    pub peer_selection: Option<PeerSelection>,
 }
 
 impl RegistryArgs {
@@ -360,6 +369,30 @@ mod tests {
             panic!("expected registry")
         };
         assert_eq!(args.effective_registry_filters(), ["a{1,3}", ":latest$"]);
+    }
+
+    #[test]
+    fn telemetry_flags() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["spegel", "registry"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Registry(args)) => Ok((args.ebpf, args.peer_selection)),
+                Ok(_) => panic!("expected registry"),
+                Err(e) => Err(e),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap(), (EbpfMode::Auto, None));
+        assert_eq!(
+            parse(&["--ebpf=on", "--peer-selection=latency"]).unwrap(),
+            (EbpfMode::On, Some(PeerSelection::Latency))
+        );
+        assert_eq!(
+            parse(&["--ebpf", "off", "--peer-selection", "least-used"]).unwrap(),
+            (EbpfMode::Off, Some(PeerSelection::LeastUsed))
+        );
+        assert!(parse(&["--ebpf=maybe"]).is_err());
+        assert!(parse(&["--peer-selection=random"]).is_err());
     }
 
     #[test]

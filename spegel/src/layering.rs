@@ -11,6 +11,7 @@ use std::{
 const LAYERS: &[&str] = &[
     "net",
     "metrics",
+    "telemetry",
     "http",
     "oci",
     "auth",

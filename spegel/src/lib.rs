@@ -23,3 +23,4 @@ pub mod store;
 
 #[cfg(test)]
 mod layering;
+pub mod telemetry;

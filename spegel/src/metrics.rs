@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
 
@@ -31,6 +31,16 @@ pub struct Metrics {
     /// `spegel_store_content_opens_total{path}`: content opened by data path,
     /// [`CONTENT_PATH_FILE`] or [`CONTENT_PATH_STREAM`] (not in the original).
     pub content_opens: IntCounterVec,
+    /// `spegel_peer_rtt_seconds{peer}`: smoothed TCP RTT to a known peer's address.
+    pub peer_rtt: GaugeVec,
+    /// `spegel_peer_min_rtt_seconds{peer}`: minimum TCP RTT to a known peer's address.
+    pub peer_min_rtt: GaugeVec,
+    /// `spegel_peer_retransmits_total{peer}`: TCP segments retransmitted to a known peer.
+    pub peer_retransmits_total: IntCounterVec,
+    /// `spegel_peer_throughput_bytes_per_second{peer}`: recent blob transfer rate from a peer.
+    pub peer_throughput: GaugeVec,
+    /// `spegel_ebpf_enabled`: 1 when the kernel probes are loaded, else 0.
+    pub ebpf_enabled: IntGauge,
 }
 
 /// `path` label: content read from containerd's content directory (bodies go out with sendfile).
@@ -115,6 +125,38 @@ impl Metrics {
                 ),
                 &["path"],
             )),
+            peer_rtt: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_rtt_seconds",
+                    "Smoothed TCP round-trip time to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_min_rtt: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_min_rtt_seconds",
+                    "Minimum TCP round-trip time to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_retransmits_total: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_peer_retransmits_total",
+                    "TCP segments retransmitted to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_throughput: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_throughput_bytes_per_second",
+                    "Recent blob transfer throughput from the peer.",
+                ),
+                &["peer"],
+            )),
+            ebpf_enabled: must(IntGauge::new(
+                "spegel_ebpf_enabled",
+                "Whether the eBPF telemetry probes are loaded (1) or not (0).",
+            )),
             registry,
         };
         must(
@@ -145,6 +187,14 @@ impl Metrics {
                 .register(Box::new(m.http_requests_inflight.clone())),
         );
         must(m.registry.register(Box::new(m.content_opens.clone())));
+        must(m.registry.register(Box::new(m.peer_rtt.clone())));
+        must(m.registry.register(Box::new(m.peer_min_rtt.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.peer_retransmits_total.clone())),
+        );
+        must(m.registry.register(Box::new(m.peer_throughput.clone())));
+        must(m.registry.register(Box::new(m.ebpf_enabled.clone())));
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
@@ -189,5 +239,7 @@ mod tests {
         assert!(text.contains(r#"http_response_size_bytes_bucket{code="200",handler="/v2/*",method="GET",le="1024"} 0"#));
         assert!(text.contains(r#"le="2000000000""#), "{text}");
         assert!(text.contains(r#"spegel_advertised_image_tags{registry="docker.io"} 1"#));
+        // Exported from the start (0 until the probes load).
+        assert!(text.contains("\nspegel_ebpf_enabled "), "{text}");
     }
 }

@@ -2,7 +2,7 @@
 //! whole-exchange timeouts. The mirror (peers' registries), HTTP bootstrap (`/id`) and
 //! `cleanup-wait` (probes) all send through it.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -11,6 +11,8 @@ use hyper_util::{
     client::legacy::{self, connect::HttpConnector},
     rt::TokioExecutor,
 };
+
+use crate::telemetry::{TrackingConnector, UserspaceTelemetry};
 
 /// Connection settings of a [`Client`].
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +70,7 @@ impl ClientError {
 /// A pooled HTTP/1.1 client; cheap to clone (clones share the pool).
 #[derive(Clone)]
 pub struct Client {
-    inner: legacy::Client<HttpConnector, Empty<Bytes>>,
+    inner: legacy::Client<TrackingConnector, Empty<Bytes>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -80,6 +82,12 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client with these connection settings.
     pub fn new(config: ClientConfig) -> Self {
+        Self::with_telemetry(config, None)
+    }
+
+    /// A client whose connections are measured into `telemetry` (connect time, failures and
+    /// `TCP_INFO` samples per peer address), when given.
+    pub fn with_telemetry(config: ClientConfig, telemetry: Option<Arc<UserspaceTelemetry>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -87,7 +95,7 @@ impl Client {
         let inner = legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
+            .build(TrackingConnector::new(connector, telemetry));
         Client { inner }
     }
 

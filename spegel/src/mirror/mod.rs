@@ -5,6 +5,7 @@
 
 mod body;
 mod client;
+mod cost;
 mod hedger;
 mod race;
 mod selector;
@@ -14,8 +15,11 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use selector::{LatencySelector, Outcome, PeerSelector, PeerStat, SelectorStats};
+pub use selector::{
+    LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
+};
 
 use crate::{
     http::{Body, Response},
@@ -24,10 +28,24 @@ use crate::{
         response::{ContentHead, content_response, not_found_anywhere, range_not_satisfiable},
     },
     routing::Router,
+    telemetry::{AdaptiveTimeouts, NetTelemetry, UserspaceTelemetry},
 };
 use body::ResumingBody;
 use client::{FetchSpec, PeerClient};
 use race::{Pool, RaceError, race};
+
+/// The selector for `selection`, fed by `telemetry` where it uses telemetry.
+pub fn selector_for(
+    selection: crate::telemetry::PeerSelection,
+    telemetry: Option<Arc<dyn NetTelemetry>>,
+) -> Arc<dyn PeerSelector> {
+    use crate::telemetry::PeerSelection;
+    match selection {
+        PeerSelection::Telemetry => Arc::new(TelemetrySelector::new(telemetry)),
+        PeerSelection::Latency => Arc::new(LatencySelector::new()),
+        PeerSelection::LeastUsed => Arc::new(LeastUsedSelector::new()),
+    }
+}
 
 /// A pull request the local store could not serve.
 #[derive(Debug, Clone)]
@@ -66,6 +84,11 @@ pub struct MirrorConfig {
     pub max_resumes: usize,
     /// A peer body that delivers nothing for this long counts as broken.
     pub body_stall_timeout: Duration,
+    /// Peer RTTs that stretch the resolve, race and hedge timeouts (configured values are
+    /// the floor); `None` keeps them as configured.
+    pub telemetry: Option<Arc<dyn NetTelemetry>>,
+    /// Where the peer client records its connections (connect time, `TCP_INFO`), if anywhere.
+    pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
 }
 
 impl Default for MirrorConfig {
@@ -79,6 +102,8 @@ impl Default for MirrorConfig {
             race_timeout_floor: Duration::from_millis(100),
             max_resumes: 5,
             body_stall_timeout: Duration::from_secs(30),
+            telemetry: None,
+            connection_telemetry: None,
         }
     }
 }
@@ -93,6 +118,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("race_timeout_floor", &self.race_timeout_floor)
             .field("max_resumes", &self.max_resumes)
             .field("body_stall_timeout", &self.body_stall_timeout)
+            .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
+            .field("connection_telemetry", &self.connection_telemetry.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +138,7 @@ struct Shared {
     client: PeerClient,
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
+    timeouts: AdaptiveTimeouts,
     config: MirrorConfig,
 }
 
@@ -123,7 +151,11 @@ pub struct PeerMirror {
 impl PeerMirror {
     /// A mirror looking providers up in `router`, with its own pooled HTTP client.
     pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Result<Self, MirrorError> {
-        Self::with_client(router, config, crate::http::Client::new(Default::default()))
+        let http_client = crate::http::Client::with_telemetry(
+            Default::default(),
+            config.connection_telemetry.clone(),
+        );
+        Self::with_client(router, config, http_client)
     }
 
     /// A mirror sending its peer requests through `http_client`.
@@ -139,6 +171,7 @@ impl PeerMirror {
                 client,
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
+                timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
                 config,
             }),
         })
@@ -147,6 +180,11 @@ impl PeerMirror {
     /// The hedge timing shared by this mirror's forwards.
     pub fn hedger(&self) -> &Hedger {
         &self.shared.hedger
+    }
+
+    /// The selector ordering this mirror's providers (for metrics of what it measured).
+    pub fn selector(&self) -> &Arc<dyn PeerSelector> {
+        &self.shared.selector
     }
 
     async fn forward_inner(
