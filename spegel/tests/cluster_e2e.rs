@@ -110,10 +110,13 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     let puller = {
         let ns = cluster.network().node(3);
         let sock = cluster.node(3).socket();
+        let ctr = cluster.node(3).ctr_bin();
         let certs = cluster.node(3).certs_d();
         std::thread::spawn(move || {
             std::process::Command::new("ip")
-                .args(["netns", "exec", &ns, "ctr", "-a"])
+                .args(["netns", "exec", &ns])
+                .arg(ctr)
+                .arg("-a")
                 .arg(sock)
                 .args([
                     "-n",
