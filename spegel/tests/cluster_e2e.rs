@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use bench::{
     cluster::{Cluster, METRICS_PORT, REGISTRY_PORT},
-    images::{ImageSpec, PushedImage},
+    images::{BlobKind, ImageSpec, PushedImage},
 };
 
 const MIB: u64 = 1 << 20;
@@ -71,6 +71,52 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     for k in 1..=3 {
         cluster.wait_ready(k, Duration::from_secs(60))?;
     }
+    let version = cluster.node(1).server_version().to_string();
+    eprintln!("containerd server version: {version}");
+    let ns = cluster.upstream_host().replace(':', "%3A");
+    let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
+
+    // Advertisement is exact: an image deleted on its only holder is withdrawn. Its layer stays
+    // on disk (containerd keeps it under the image-ID name), so a 200 after the delete would be
+    // a stale advertisement, not a missing file.
+    let gone = cluster.push(&ImageSpec {
+        repo: "e2e/gone".into(),
+        tag: "v1".into(),
+        layers: vec![300_000],
+        seed: 15,
+        platforms: vec![],
+    })?;
+    cluster.node(1).pull(&gone.reference, false)?;
+    let layer = gone
+        .of_kind(BlobKind::Layer)
+        .next()
+        .expect("image has a layer")
+        .digest
+        .clone();
+    let blob_probe = format!("/v2/{}/blobs/{layer}?ns={ns}", gone.repo);
+    bench::process::wait_for(
+        &format!("advertisement of {layer} (containerd {version})"),
+        Duration::from_secs(30),
+        || {
+            cluster
+                .get_from(2, &node2, &blob_probe, &[])
+                .is_ok_and(|r| r.status == 200)
+        },
+    )?;
+    cluster.node(1).remove_image(&gone.reference)?;
+    bench::process::wait_for(
+        &format!("withdrawal of {layer} (containerd {version})"),
+        Duration::from_secs(30),
+        || {
+            cluster
+                .get_from(2, &node2, &blob_probe, &[])
+                .is_ok_and(|r| r.status == 404)
+        },
+    )?;
+    assert!(
+        cluster.node(1).blob_size(&layer).is_some(),
+        "containerd {version} removed the layer with the name, so the withdrawal check proves nothing"
+    );
 
     // Node 1: nobody has anything, the mirror answers 404 and containerd falls back upstream.
     for image in &images {
@@ -78,8 +124,6 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
         assert_has_all(&cluster, 1, image);
     }
     // Node 2 can find every image on a peer before upstream goes away.
-    let ns = cluster.upstream_host().replace(':', "%3A");
-    let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
     for image in &images {
         let probe = format!("/v2/{}/manifests/{}?ns={ns}", image.repo, image.tag);
         bench::process::wait_for("advertisement", Duration::from_secs(30), || {

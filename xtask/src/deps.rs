@@ -121,7 +121,10 @@ pub fn containerd_versions() -> anyhow::Result<()> {
         }
         std::fs::create_dir_all(&partial)?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
-        std::fs::write(partial.join("PACKAGE"), format!("containerd {pkg_version}\n"))?;
+        std::fs::write(
+            partial.join("PACKAGE"),
+            format!("containerd {pkg_version}\n"),
+        )?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest)?;
         }
@@ -312,11 +315,14 @@ fn debian_in_deb822(text: &str) -> Option<(String, String)> {
                     .map(|v| v.trim().to_string())
             })
         };
-        let (Some(types), Some(uris), Some(suites)) = (field("Types"), field("URIs"), field("Suites"))
+        let (Some(types), Some(uris), Some(suites)) =
+            (field("Types"), field("URIs"), field("Suites"))
         else {
             continue;
         };
-        if stanza.lines().any(|l| l.trim() == "Enabled: no") || !types.split_whitespace().any(|t| t == "deb") {
+        if stanza.lines().any(|l| l.trim() == "Enabled: no")
+            || !types.split_whitespace().any(|t| t == "deb")
+        {
             continue;
         }
         for uri in uris.split_whitespace() {
