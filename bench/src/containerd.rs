@@ -427,6 +427,11 @@ impl Containerd {
         self.ctr(&["images", "rm", reference]).map(|_| ())
     }
 
+    /// Removes a blob through the content API (`ctr content rm`), as an operator would.
+    pub fn remove_content(&self, digest: &str) -> anyhow::Result<()> {
+        self.ctr(&["content", "rm", digest]).map(|_| ())
+    }
+
     /// Image names in the namespace.
     pub fn list_images(&self) -> anyhow::Result<Vec<String>> {
         Ok(self

@@ -76,45 +76,69 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     let ns = cluster.upstream_host().replace(':', "%3A");
     let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
 
-    // Advertisement is exact: an image deleted on its only holder is withdrawn. Its layer stays
-    // on disk (containerd keeps it under the image-ID name), so a 200 after the delete would be
-    // a stale advertisement, not a missing file.
+    // Advertisement is exact. A blob removed through the content API is withdrawn, the rest
+    // of its image stays. An image deleted on its only holder is withdrawn: its layer stays on
+    // disk (containerd keeps it under the image-ID name), so a 200 after the delete would be a
+    // stale advertisement, not a missing file.
     let gone = cluster.push(&ImageSpec {
         repo: "e2e/gone".into(),
         tag: "v1".into(),
-        layers: vec![300_000],
+        layers: vec![300_000, 200_000],
         seed: 15,
         platforms: vec![],
     })?;
     cluster.node(1).pull(&gone.reference, false)?;
-    let layer = gone
+    let layers: Vec<String> = gone
         .of_kind(BlobKind::Layer)
-        .next()
-        .expect("image has a layer")
-        .digest
-        .clone();
-    let blob_probe = format!("/v2/{}/blobs/{layer}?ns={ns}", gone.repo);
+        .map(|b| b.digest.clone())
+        .collect();
+    assert_eq!(layers.len(), 2);
+    let probe_status = |digest: &str| {
+        let target = format!("/v2/{}/blobs/{digest}?ns={ns}", gone.repo);
+        cluster
+            .get_from(2, &node2, &target, &[])
+            .map(|r| r.status)
+            .unwrap_or(0)
+    };
+    for layer in &layers {
+        bench::process::wait_for(
+            &format!("advertisement of {layer} (containerd {version})"),
+            Duration::from_secs(30),
+            || probe_status(layer) == 200,
+        )?;
+    }
+    // Node 1 no longer has the file either way, so its own count shows the withdrawal.
+    let advertised = |k| metric(&cluster, k, k, "spegel_advertised_content_digests");
+    let before = advertised(1);
+    assert!(
+        before >= 3.0,
+        "containerd {version}: {before} digests advertised"
+    );
+    cluster.node(1).remove_content(&layers[0])?;
     bench::process::wait_for(
-        &format!("advertisement of {layer} (containerd {version})"),
+        &format!(
+            "withdrawal of deleted content {} (containerd {version})",
+            layers[0]
+        ),
         Duration::from_secs(30),
-        || {
-            cluster
-                .get_from(2, &node2, &blob_probe, &[])
-                .is_ok_and(|r| r.status == 200)
-        },
+        || advertised(1) == before - 1.0 && probe_status(&layers[0]) == 404,
     )?;
+    assert_eq!(
+        probe_status(&layers[1]),
+        200,
+        "containerd {version}: deleting one blob withdrew another"
+    );
     cluster.node(1).remove_image(&gone.reference)?;
     bench::process::wait_for(
-        &format!("withdrawal of {layer} (containerd {version})"),
+        &format!(
+            "withdrawal of {} after the image delete (containerd {version})",
+            layers[1]
+        ),
         Duration::from_secs(30),
-        || {
-            cluster
-                .get_from(2, &node2, &blob_probe, &[])
-                .is_ok_and(|r| r.status == 404)
-        },
+        || probe_status(&layers[1]) == 404,
     )?;
     assert!(
-        cluster.node(1).blob_size(&layer).is_some(),
+        cluster.node(1).blob_size(&layers[1]).is_some(),
         "containerd {version} removed the layer with the name, so the withdrawal check proves nothing"
     );
 
