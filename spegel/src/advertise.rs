@@ -305,28 +305,48 @@ impl Advertiser {
     pub async fn apply(&mut self, event: ImageEvent) -> Result<(), StoreError> {
         debug!(?event, "image event");
         match event {
-            ImageEvent::Created(name) | ImageEvent::Updated(name) => {
-                let Ok(reference) = Reference::parse_image_name(&name) else {
-                    return Ok(());
-                };
-                let digest = match self.store.resolve(&name).await {
-                    Ok(d) => d,
-                    Err(e) if e.is_not_found() => return Ok(()),
-                    Err(e) => return Err(e),
-                };
-                let image = Image {
-                    name: name.clone(),
-                    reference,
-                    digest,
-                };
-                match self.keys_for(&image).await? {
-                    Some(keys) => self.set(name, keys).await,
-                    None => self.remove(&name).await,
+            ImageEvent::Created(name) | ImageEvent::Updated(name) => self.refresh(name).await?,
+            ImageEvent::Deleted(name) => self.remove(&name).await,
+            ImageEvent::ContentDeleted(digest) => {
+                // Walking again skips the missing blob, so exactly that key goes.
+                let digest = digest.to_string();
+                let affected: Vec<String> = self
+                    .images
+                    .iter()
+                    .filter(|(_, keys)| keys.digests.contains(&digest))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in affected {
+                    self.refresh(name).await?;
                 }
             }
-            ImageEvent::Deleted(name) => self.remove(&name).await,
         }
         self.update_gauges();
+        Ok(())
+    }
+
+    /// Recomputes the keys of image `name` from the store.
+    async fn refresh(&mut self, name: String) -> Result<(), StoreError> {
+        let Ok(reference) = Reference::parse_image_name(&name) else {
+            return Ok(());
+        };
+        let digest = match self.store.resolve(&name).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => {
+                self.remove(&name).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let image = Image {
+            name: name.clone(),
+            reference,
+            digest,
+        };
+        match self.keys_for(&image).await? {
+            Some(keys) => self.set(name, keys).await,
+            None => self.remove(&name).await,
+        }
         Ok(())
     }
 
@@ -611,6 +631,44 @@ mod tests {
             text.contains(r#"spegel_advertised_content_digests{registry="ghcr.io"} 3"#),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn content_delete_withdraws_exactly_that_blob() {
+        let store = Arc::new(MemoryStore::new());
+        let router = Arc::new(RecordingRouter::default());
+        let (m, keys) = image(&store, b"shared layer");
+        store.add_image("docker.io/library/c:1", m.clone());
+        store.add_image("docker.io/library/c:2", m.clone());
+        let (other, other_keys) = image(&store, b"other layer");
+        store.add_image("docker.io/library/d:1", other.clone());
+        let mut adv = Advertiser::new(store.clone(), router.clone(), Filters::default(), false);
+        adv.sync().await.unwrap();
+        let layer: crate::oci::Digest = keys[2].parse().unwrap();
+        store.delete_content(&layer);
+        adv.apply(ImageEvent::ContentDeleted(layer)).await.unwrap();
+        let mut want = set(&[&keys[0], &keys[1]]);
+        want.extend(other_keys.iter().cloned());
+        assert_eq!(*router.keys.lock().unwrap(), want);
+        // Deleting the manifest leaves nothing of the image; the other image is untouched.
+        let manifest: crate::oci::Digest = keys[0].parse().unwrap();
+        store.delete_content(&manifest);
+        adv.apply(ImageEvent::ContentDeleted(manifest))
+            .await
+            .unwrap();
+        assert_eq!(
+            *router.keys.lock().unwrap(),
+            other_keys.iter().cloned().collect::<HashSet<_>>()
+        );
+        // A digest no image holds changes nothing.
+        adv.apply(ImageEvent::ContentDeleted(
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .parse()
+                .unwrap(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(router.keys.lock().unwrap().len(), other_keys.len());
     }
 
     #[tokio::test]

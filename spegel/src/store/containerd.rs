@@ -9,6 +9,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use containerd_client::events::ContentDelete;
 use containerd_client::services::v1::{
     GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
     PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
@@ -420,7 +421,11 @@ impl Store for ContainerdStore {
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError> {
         let mut client = EventsClient::new(self.channel.clone());
         let req = SubscribeRequest {
-            filters: vec![r#"topic~="/images/""#.to_string()],
+            // Filters are alternatives; content deletes come from `ctr content rm` and the like.
+            filters: vec![
+                r#"topic~="/images/""#.to_string(),
+                r#"topic=="/content/delete""#.to_string(),
+            ],
         };
         let stream = client
             .subscribe(req)
@@ -452,6 +457,12 @@ impl Store for ContainerdStore {
                                     "/images/delete" => ImageDelete::decode(any.value.as_slice())
                                         .ok()
                                         .map(|e| ImageEvent::Deleted(e.name)),
+                                    "/content/delete" => {
+                                        ContentDelete::decode(any.value.as_slice())
+                                            .ok()
+                                            .and_then(|e| e.digest.parse().ok())
+                                            .map(ImageEvent::ContentDeleted)
+                                    }
                                     _ => None,
                                 }
                             });

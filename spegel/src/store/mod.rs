@@ -65,6 +65,9 @@ pub enum ImageEvent {
     Updated(String),
     /// An image name was deleted.
     Deleted(String),
+    /// A blob was removed through the content API (containerd's garbage collector sends no
+    /// such event; image deletes cover it).
+    ContentDeleted(Digest),
 }
 
 /// Store failures.
