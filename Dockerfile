@@ -11,9 +11,10 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
-# containerd's gRPC API is compiled from .proto files by containerd-client's build script.
+# containerd's gRPC API is compiled from .proto files by containerd-client's build script;
+# spegel-ebpf's build script compiles its eBPF programs with clang against libbpf's headers.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && apt-get install -y --no-install-recommends protobuf-compiler clang libbpf-dev linux-libc-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -10,8 +10,9 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    containerd::Containerd,
+    containerd::{Containerd, Version},
     daemon::{Daemon, spegel_bin},
+    delay::LinkSpec,
     http,
     images::{self, ImageSpec, PushOptions, PushedImage, in_netns},
     netns::{Network, UPSTREAM_IP, exec_ok},
@@ -38,18 +39,40 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Brings up `n` nodes under `dir` (created).
+    /// Brings up `n` nodes under `dir` (created), running the containerd version chosen by
+    /// [`crate::containerd::VERSION_ENV`].
     pub fn start(n: usize, dir: &Path) -> anyhow::Result<Cluster> {
+        Cluster::start_with(n, dir, &[])
+    }
+
+    /// [`Cluster::start`] with some nodes' links delayed and/or rate-limited.
+    pub fn start_with(n: usize, dir: &Path, links: &[LinkSpec]) -> anyhow::Result<Cluster> {
+        Cluster::start_version_with(n, dir, Version::from_env()?, links)
+    }
+
+    /// [`Cluster::start`] with an explicit containerd version.
+    pub fn start_version(n: usize, dir: &Path, version: Version) -> anyhow::Result<Cluster> {
+        Cluster::start_version_with(n, dir, version, &[])
+    }
+
+    /// [`Cluster::start_version`] with some nodes' links delayed and/or rate-limited.
+    pub fn start_version_with(
+        n: usize,
+        dir: &Path,
+        version: Version,
+        links: &[LinkSpec],
+    ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
-        let net = Network::create(n)?;
+        let net = Network::create_with(n, links)?;
         let upstream_addr: SocketAddr = format!("{UPSTREAM_IP}:5000").parse()?;
         let upstream =
             Upstream::start(&dir.join("upstream"), upstream_addr, Some(&net.upstream()))?;
         let mut nodes = Vec::with_capacity(n);
         for k in 1..=n {
-            nodes.push(Containerd::start(
+            nodes.push(Containerd::start_version(
                 &dir.join(format!("node{k}")),
                 Some(&net.node(k)),
+                version,
             )?);
         }
         Ok(Cluster {
@@ -83,9 +106,25 @@ impl Cluster {
         &self.nodes[k - 1]
     }
 
+    /// containerd of node `k` (1-based), to stop or restart it.
+    pub fn node_mut(&mut self, k: usize) -> &mut Containerd {
+        &mut self.nodes[k - 1]
+    }
+
+    /// The containerd release line every node runs.
+    pub fn containerd_version(&self) -> Option<Version> {
+        self.nodes.first().map(Containerd::version)
+    }
+
     /// The network.
     pub fn network(&self) -> &Network {
         &self.net
+    }
+
+    /// Changes the round-trip time added on node `k`'s link (see [`Network::delay_node`];
+    /// a node started without a delayed link briefly loses its address when it gets one).
+    pub fn delay_node(&mut self, k: usize, delay: Duration) -> anyhow::Result<()> {
+        self.net.delay_node(k, delay)
     }
 
     /// Adds a host namespace (e.g. a central cache) at `addr` on the cluster's bridge.

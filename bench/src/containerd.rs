@@ -13,10 +13,179 @@ use crate::process::{Process, command_in, require, wait_for};
 /// The containerd namespace Kubernetes (and spegel's default) uses.
 pub const NAMESPACE: &str = "k8s.io";
 
+/// Environment variable choosing the containerd release line of the testbed (`1.6`, `1.7`, `2.x`).
+pub const VERSION_ENV: &str = "SPEGEL_CONTAINERD";
+/// Environment variable overriding where `cargo xtask deps` unpacked the newer containerds.
+pub const VERSIONS_DIR_ENV: &str = "SPEGEL_CONTAINERD_VERSIONS_DIR";
+
+/// A containerd release line of the test matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// 1.6, the system's package (Debian bookworm).
+    V1_6,
+    /// 1.7, Debian trixie's package unpacked by `cargo xtask deps`.
+    V1_7,
+    /// The newest 2.x Debian ships (sid), unpacked by `cargo xtask deps`.
+    V2,
+}
+
+impl Version {
+    /// Every version of the matrix, oldest first.
+    pub const ALL: [Version; 3] = [Version::V1_6, Version::V1_7, Version::V2];
+
+    /// Parses `1.6`, `1.7`, `2`, `2.x` or `2.<minor>`.
+    pub fn parse(s: &str) -> Option<Version> {
+        match s.trim() {
+            "1.6" => Some(Version::V1_6),
+            "1.7" => Some(Version::V1_7),
+            v if v == "2" || v.starts_with("2.") => Some(Version::V2),
+            _ => None,
+        }
+    }
+
+    /// The version chosen by [`VERSION_ENV`]; 1.6 when unset.
+    pub fn from_env() -> anyhow::Result<Version> {
+        match std::env::var(VERSION_ENV) {
+            Ok(v) if !v.is_empty() => Version::parse(&v)
+                .with_context(|| format!("{VERSION_ENV}={v}: expected 1.6, 1.7 or 2.x")),
+            _ => Ok(Version::V1_6),
+        }
+    }
+
+    /// The name used in [`VERSION_ENV`], directory names and test output.
+    pub fn label(self) -> &'static str {
+        match self {
+            Version::V1_6 => "1.6",
+            Version::V1_7 => "1.7",
+            Version::V2 => "2.x",
+        }
+    }
+
+    /// The Debian suite the package comes from.
+    pub fn suite(self) -> &'static str {
+        match self {
+            Version::V1_6 => "bookworm",
+            Version::V1_7 => "trixie",
+            Version::V2 => "sid",
+        }
+    }
+
+    /// Where this version was unpacked (`None` for the system's 1.6).
+    pub fn unpacked_dir(self) -> Option<PathBuf> {
+        match self {
+            Version::V1_6 => None,
+            v => Some(versions_dir().join(v.label())),
+        }
+    }
+
+    /// Directory holding `containerd`, `ctr` and the shims.
+    pub fn bin_dir(self) -> PathBuf {
+        self.unpacked_dir()
+            .map(|d| d.join("usr/bin"))
+            .unwrap_or_else(|| PathBuf::from("/usr/bin"))
+    }
+
+    /// The `containerd` binary.
+    pub fn containerd_bin(self) -> PathBuf {
+        self.bin_dir().join("containerd")
+    }
+
+    /// The `ctr` binary of the same version.
+    pub fn ctr_bin(self) -> PathBuf {
+        self.bin_dir().join("ctr")
+    }
+
+    /// Fails with a clear message when this version's binaries are missing.
+    pub fn require(self) -> anyhow::Result<()> {
+        for bin in [self.containerd_bin(), self.ctr_bin()] {
+            if !bin.is_file() {
+                match self {
+                    Version::V1_6 => require(&bin.to_string_lossy(), "containerd")?,
+                    v => bail!(
+                        "containerd {} not found at {}: run `cargo xtask deps` (it unpacks \
+                         Debian {}'s package there)",
+                        v.label(),
+                        bin.display(),
+                        v.suite()
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A config in this version's native format (version 2 for 1.x, version 3 for 2.x), with
+    /// everything under `dir` and the CRI image service reading hosts.toml from `certs_d`.
+    pub fn config(self, dir: &Path, certs_d: &Path) -> String {
+        let common = format!(
+            r#"root = "{d}/root"
+state = "{d}/state"
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  level = "info"
+"#,
+            d = dir.display()
+        );
+        let certs = certs_d.display();
+        match self {
+            Version::V1_6 | Version::V1_7 => format!(
+                r#"version = 2
+{common}[plugins."io.containerd.grpc.v1.cri"]
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    discard_unpacked_layers = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#
+            ),
+            // 2.x split the CRI plugin into image and runtime services. NRI (on by default)
+            // listens on one machine-wide socket, which several instances cannot share.
+            Version::V2 => format!(
+                r#"version = 3
+{common}[plugins.'io.containerd.cri.v1.images']
+  discard_unpacked_layers = false
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = "{certs}"
+[plugins.'io.containerd.cri.v1.runtime']
+  disable_apparmor = true
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
+"#
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Where `cargo xtask deps` unpacks the newer containerds: [`VERSIONS_DIR_ENV`], else the
+/// workspace's `target/containerd-versions`.
+pub fn versions_dir() -> PathBuf {
+    match std::env::var_os(VERSIONS_DIR_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => {
+            let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+            bench
+                .parent()
+                .unwrap_or(bench)
+                .join("target/containerd-versions")
+        }
+    }
+}
+
 /// A running containerd; stopped on drop.
 pub struct Containerd {
     dir: PathBuf,
     netns: Option<String>,
+    version: Version,
+    server_version: String,
     process: Process,
 }
 
@@ -52,49 +221,61 @@ pub struct Pull {
 
 impl Containerd {
     /// Starts containerd under `dir` (created), optionally inside network namespace `netns`.
-    /// Its CRI registry `config_path` is `<dir>/certs.d`.
+    /// Its CRI registry `config_path` is `<dir>/certs.d`. The version comes from [`VERSION_ENV`].
     pub fn start(dir: &Path, netns: Option<&str>) -> anyhow::Result<Containerd> {
-        require("/usr/bin/containerd", "containerd")?;
-        require("/usr/bin/ctr", "containerd")?;
+        Containerd::start_version(dir, netns, Version::from_env()?)
+    }
+
+    /// [`Containerd::start`] with an explicit version.
+    pub fn start_version(
+        dir: &Path,
+        netns: Option<&str>,
+        version: Version,
+    ) -> anyhow::Result<Containerd> {
+        version.require()?;
         std::fs::create_dir_all(dir.join("certs.d"))?;
         let dir = dir.canonicalize()?;
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  level = "info"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_apparmor = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    discard_unpacked_layers = false
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{d}/certs.d"
-"#,
-            d = dir.display()
-        );
-        std::fs::write(dir.join("config.toml"), config)?;
-        let mut cmd = command_in(netns, "/usr/bin/containerd");
-        cmd.arg("-c").arg(dir.join("config.toml"));
-        let process = Process::spawn("containerd", cmd, &dir.join("containerd.log"))?;
+        std::fs::write(
+            dir.join("config.toml"),
+            version.config(&dir, &dir.join("certs.d")),
+        )?;
+        let process = Self::spawn_and_wait(&dir, netns, version)?;
         let mut ctd = Containerd {
             dir,
             netns: netns.map(str::to_string),
+            version,
+            server_version: String::new(),
             process,
         };
-        let sock = ctd.socket();
+        ctd.server_version = ctd.query_server_version()?;
+        eprintln!(
+            "containerd {version} (server {}) at {}",
+            ctd.server_version,
+            ctd.dir.display()
+        );
+        Ok(ctd)
+    }
+
+    /// Starts containerd `version` with the config under `dir` and waits until it answers.
+    fn spawn_and_wait(dir: &Path, netns: Option<&str>, version: Version) -> anyhow::Result<Process> {
+        let mut cmd = command_in(netns, &version.containerd_bin().to_string_lossy());
+        cmd.arg("-c").arg(dir.join("config.toml"));
+        // Shims are looked up on PATH: take the ones of the same version first.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(version.bin_dir()).chain(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+        let mut process = Process::spawn("containerd", cmd, &dir.join("containerd.log"))?;
+        let ctr = version.ctr_bin();
+        let sock = dir.join("containerd.sock");
         let mut exited = None;
-        let process = &mut ctd.process;
         let res = wait_for("containerd to answer", Duration::from_secs(30), || {
             // A containerd that died (bad config, socket in use) will never answer.
             exited = process.try_wait();
             exited.is_some()
                 || sock.exists()
-                    && Command::new("ctr")
+                    && Command::new(&ctr)
                         .arg("-a")
                         .arg(&sock)
                         .arg("version")
@@ -108,11 +289,55 @@ state = "{d}/state"
             None => res,
         };
         if let Err(e) = res {
-            let tail = ctd.process.log_tail();
-            ctd.process.stop();
-            bail!("{e}\ncontainerd log:\n{tail}");
+            let tail = process.log_tail();
+            process.stop();
+            bail!("containerd {version}: {e}\ncontainerd log:\n{tail}");
         }
-        Ok(ctd)
+        Ok(process)
+    }
+
+    /// Starts containerd again with the same root, state, socket and namespace, after
+    /// [`Containerd::stop`] (or stops it first, by PID, when it still runs), and waits until it
+    /// answers: a containerd restart under running clients.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.stop();
+        self.process = Self::spawn_and_wait(&self.dir, self.netns.as_deref(), self.version)?;
+        Ok(())
+    }
+
+    /// Whether containerd is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// The server version `ctr version` reports.
+    fn query_server_version(&self) -> anyhow::Result<String> {
+        let out = self.ctr_global(&["version"])?;
+        // The "Version:" after the "Server:" heading.
+        out.split("Server:")
+            .nth(1)
+            .and_then(|server| {
+                server
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Version:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .with_context(|| format!("no server version in `ctr version`: {out}"))
+    }
+
+    /// The release line this instance runs.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The server version reported by `ctr version` (e.g. `2.1.9+unknown`).
+    pub fn server_version(&self) -> &str {
+        &self.server_version
+    }
+
+    /// The `ctr` binary matching this containerd.
+    pub fn ctr_bin(&self) -> PathBuf {
+        self.version.ctr_bin()
     }
 
     /// The gRPC socket.
@@ -157,11 +382,15 @@ state = "{d}/state"
 
     /// Runs `ctr` against this containerd (inside its namespace) and returns its output.
     pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = command_in(self.netns.as_deref(), "ctr");
-        cmd.arg("-a")
-            .arg(self.socket())
-            .args(["-n", NAMESPACE])
-            .args(args);
+        let mut all = vec!["-n", NAMESPACE];
+        all.extend_from_slice(args);
+        self.ctr_global(&all)
+    }
+
+    /// Runs `ctr -a SOCK args…` (no namespace flag).
+    fn ctr_global(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = command_in(self.netns.as_deref(), &self.ctr_bin().to_string_lossy());
+        cmd.arg("-a").arg(self.socket()).args(args);
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         let text = format!(
             "{}{}",
@@ -215,6 +444,11 @@ state = "{d}/state"
     /// Removes an image name.
     pub fn remove_image(&self, reference: &str) -> anyhow::Result<()> {
         self.ctr(&["images", "rm", reference]).map(|_| ())
+    }
+
+    /// Removes a blob through the content API (`ctr content rm`), as an operator would.
+    pub fn remove_content(&self, digest: &str) -> anyhow::Result<()> {
+        self.ctr(&["content", "rm", digest]).map(|_| ())
     }
 
     /// Image names in the namespace.

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod containerd;
 pub mod daemon;
+pub mod delay;
 pub mod http;
 pub mod image;
 pub mod images;

@@ -5,9 +5,15 @@
 use std::{
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
+
+use crate::{
+    delay::{DelayLink, LinkSpec, open_tap},
+    images::in_netns,
+};
 
 /// Address of the upstream namespace.
 pub const UPSTREAM_IP: &str = "10.99.0.254";
@@ -19,6 +25,8 @@ pub struct Network {
     namespaces: Vec<String>,
     addrs: Vec<String>,
     nodes: usize,
+    /// Delayed links by node; stopped before the namespaces are deleted.
+    links: Vec<(usize, DelayLink)>,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -55,6 +63,11 @@ impl Network {
     /// Creates a bridge namespace, `nodes` node namespaces (10.99.0.1…) and an upstream
     /// namespace (10.99.0.254), with names unique to this process.
     pub fn create(nodes: usize) -> anyhow::Result<Network> {
+        Network::create_with(nodes, &[])
+    }
+
+    /// [`Network::create`] with some nodes' links delayed and/or rate-limited.
+    pub fn create_with(nodes: usize, links: &[LinkSpec]) -> anyhow::Result<Network> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         if nodes == 0 || nodes > 200 {
             bail!("between 1 and 200 nodes, not {nodes}");
@@ -66,7 +79,11 @@ impl Network {
             namespaces: Vec::new(),
             addrs: Vec::new(),
             nodes,
+            links: Vec::new(),
         };
+        if let Some(bad) = links.iter().find(|l| l.node == 0 || l.node > nodes) {
+            bail!("link spec for node {} of {nodes}", bad.node);
+        }
         let hub = format!("{prefix}-hub");
         ip(&["netns", "add", &hub])?;
         net.namespaces.push(hub.clone());
@@ -79,6 +96,12 @@ impl Network {
         members.push((net.upstream(), UPSTREAM_IP.to_string()));
         for (ns, addr) in &members {
             net.attach(ns, addr)?;
+        }
+        for spec in links {
+            net.delay_node(spec.node, spec.delay)?;
+            if let Some(rate) = &spec.rate {
+                net.shape(&net.node(spec.node), rate)?;
+            }
         }
         Ok(net)
     }
@@ -104,6 +127,47 @@ impl Network {
         )?;
         in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
         in_ns(ns, &["ip", "link", "set", "lo", "up"])
+    }
+
+    /// Adds `delay` of round-trip time between node `k` and the bridge (see [`crate::delay`]).
+    /// The first call replaces the node's veth with a delayed TAP link (same `eth0`, same
+    /// address; call it before starting anything in the node, since its address is briefly
+    /// gone); later calls just change the delay, at once, even with traffic flowing.
+    pub fn delay_node(&mut self, k: usize, delay: Duration) -> anyhow::Result<()> {
+        if k == 0 || k > self.nodes {
+            bail!("node {k} does not exist (1..={})", self.nodes);
+        }
+        if let Some((_, link)) = self.links.iter().find(|(n, _)| *n == k) {
+            link.set_delay(delay);
+            return Ok(());
+        }
+        let ns = self.node(k);
+        let hub = self.hub();
+        let hub_end = format!("d{k}");
+        // Deleting the node's end of the veth deletes the hub's end too.
+        in_ns(&ns, &["ip", "link", "del", "eth0"])?;
+        let node_tap = in_netns(&ns, || open_tap("eth0"))?;
+        let name = hub_end.clone();
+        let hub_tap = in_netns(&hub, move || open_tap(&name))?;
+        // Deeper device queues than the default 1000: a slow read must not drop frames early.
+        in_ns(
+            &hub,
+            &["ip", "link", "set", &hub_end, "txqueuelen", "10000"],
+        )?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "master", "br0"])?;
+        in_ns(&hub, &["ip", "link", "set", &hub_end, "up"])?;
+        in_ns(&ns, &["ip", "link", "set", "eth0", "txqueuelen", "10000"])?;
+        let addr = format!("{}/24", self.node_ip(k));
+        in_ns(&ns, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
+        in_ns(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        let link = DelayLink::start(node_tap, hub_tap, delay)?;
+        self.links.push((k, link));
+        Ok(())
+    }
+
+    /// The delayer of node `k`'s link, if it has one.
+    pub fn link(&self, k: usize) -> Option<&DelayLink> {
+        self.links.iter().find(|(n, _)| *n == k).map(|(_, l)| l)
     }
 
     /// Namespace of node `k` (1-based).
@@ -197,6 +261,7 @@ pub fn tx_bytes(ns: &str) -> anyhow::Result<u64> {
 
 impl Drop for Network {
     fn drop(&mut self) {
+        self.links.clear();
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }

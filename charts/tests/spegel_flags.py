@@ -151,7 +151,18 @@ def _arg_kv(attr: str) -> dict[str, str] | None:
 
 
 def _enum_variants(source: str, name: str) -> list[str]:
-    body = _block(source, rf"pub\s+enum\s+{name}")
+    try:
+        body = _block(source, rf"pub\s+enum\s+{name}")
+    except ValueError:
+        # Enums re-exported by config.rs (`pub use crate::telemetry::EbpfMode`) live in their module.
+        body = None
+        for path in sorted((REPO_ROOT / "spegel" / "src").rglob("*.rs")):
+            text = path.read_text(encoding="utf-8")
+            if re.search(rf"pub\s+enum\s+{name}\s*\{{", text):
+                body = _block(text, rf"pub\s+enum\s+{name}")
+                break
+        if body is None:
+            raise
     body = re.sub(r"//.*", "", body)
     return [kebab(v) for v in re.findall(r"^\s*([A-Z]\w*)\s*[,(]?", body, re.M)]
 

@@ -182,6 +182,8 @@ def test_default_registry_container(default_manifests):
         "--resolve-tags=true",
         "--debug-web-enabled=true",
         "--advertise-ttl=10m",
+        "--ebpf=off",
+        "--peer-selection=telemetry",
         "--data-dir=/var/lib/spegel",
     ]
     assert set(env_of(reg)) == {"NODE_IP"}
@@ -395,6 +397,8 @@ def test_all_registry_container(all_manifests):
         # visualize.enabled forces the debug UI on although debugWebEnabled is false.
         "--debug-web-enabled=true",
         "--advertise-ttl=15m",
+        "--ebpf=on",
+        "--peer-selection=latency",
         "--data-dir=/data/spegel",
     ]
     assert [(p["name"], p["containerPort"], p["protocol"]) for p in reg["ports"]] == [
@@ -403,6 +407,12 @@ def test_all_registry_container(all_manifests):
         ("metrics", 9190, "TCP"),
     ]
     assert reg["livenessProbe"] == {"httpGet": {"path": "/livez", "port": "registry"}}
+    assert reg["securityContext"] == {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"add": ["BPF", "NET_ADMIN"]},
+    }
+    assert container(spec, "configuration", init=True)["securityContext"] == VALUES_ALL["securityContext"]
     mounts = by_name(reg["volumeMounts"])
     assert mounts["basic-auth"] == {"name": "basic-auth", "mountPath": "/etc/secrets/basic-auth", "readOnly": True}
     assert mounts["containerd-sock"]["mountPath"] == "/run/k3s/containerd/containerd.sock"
@@ -567,6 +577,88 @@ def test_registry_filters(spegel_values, expected):
 def test_debug_web_enabled(spegel_values, expected):
     args = registry_args({"spegel": spegel_values})
     assert [a for a in args if a.startswith("--debug-web-enabled")] == [f"--debug-web-enabled={expected}"]
+
+
+# --------------------------------------------------------------------------------------------
+# eBPF telemetry
+
+
+def registry_of(manifests: list[dict]) -> dict:
+    return container(pod_spec(daemonset(manifests)), "registry")
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    assert len(values) == 1, f"{flag} given {len(values)} times in {args}"
+    return values[0]
+
+
+@pytest.mark.parametrize(
+    "ebpf, mode",
+    [({}, "off"), ({"enabled": False, "required": True}, "off"), ({"enabled": True}, "auto"),
+     ({"enabled": True, "required": True}, "on")],
+    ids=["default", "required-without-enabled", "enabled", "required"],
+)
+def test_ebpf_mode_flag(ebpf, mode):
+    reg = registry_of(render.render({"ebpf": ebpf} if ebpf else None))
+    assert flag_value(reg["args"], "--ebpf") == mode
+
+
+def test_ebpf_off_adds_no_capabilities_or_mounts(default_manifests):
+    spec = pod_spec(daemonset(default_manifests))
+    reg = container(spec, "registry")
+    assert "capabilities" not in reg["securityContext"]
+    assert not any(m["mountPath"].startswith("/sys") for m in reg["volumeMounts"])
+    assert not any("/sys" in (v.get("hostPath") or {}).get("path", "") for v in spec["volumes"])
+
+
+def test_ebpf_on_adds_exactly_bpf_and_net_admin_to_the_registry_container():
+    manifests = render.render({"ebpf": {"enabled": True}})
+    spec = pod_spec(daemonset(manifests))
+    reg = container(spec, "registry")
+    assert reg["securityContext"] == {
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"add": ["BPF", "NET_ADMIN"]},
+    }
+    # The container's own cgroup (its cgroup namespace root) is attached to through the
+    # runtime's read-only /sys/fs/cgroup: no host cgroup mount, which would expose the node's.
+    assert not any("/sys" in (v.get("hostPath") or {}).get("path", "") for v in spec["volumes"])
+    init = container(spec, "configuration", init=True)
+    assert init["securityContext"] == {"readOnlyRootFilesystem": True}
+    hook_containers = [c for m in manifests if is_hook(m) and m["kind"] == "DaemonSet"
+                       for c in pod_spec(m)["containers"]]
+    assert hook_containers
+    for c in hook_containers:
+        assert "capabilities" not in (c.get("securityContext") or {})
+    for kube_version in KUBE_VERSIONS:
+        validate_manifest(daemonset(manifests), kube_version)
+
+
+def test_ebpf_capabilities_merge_with_the_users():
+    reg = registry_of(render.render({
+        "ebpf": {"enabled": True},
+        "securityContext": {"capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "CHOWN"]}},
+    }))
+    # Values merge with the chart's defaults; the user's order is kept and nothing doubled.
+    assert reg["securityContext"] == {
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "CHOWN", "BPF"]},
+    }
+
+
+@pytest.mark.parametrize("selection", ["telemetry", "latency", "least-used"])
+def test_peer_selection_flag(selection, cli):
+    reg = registry_of(render.render({"spegel": {"peerSelection": selection}}))
+    assert flag_value(reg["args"], "--peer-selection") == selection
+    assert spegel_flags.check_args(cli, reg["args"]) == []
+
+
+def test_ebpf_flags_are_known_to_the_binary(cli):
+    flags = cli.subcommands["registry"]
+    assert flags["ebpf"].enum_values == ["auto", "on", "off"]
+    assert flags["peer-selection"].enum_values == ["telemetry", "latency", "least-used"]
+    bad = registry_of(render.render({"spegel": {"peerSelection": "fastest"}}))["args"]
+    assert spegel_flags.check_args(cli, bad) != []
 
 
 def test_persistence_disabled():
@@ -831,6 +923,10 @@ ORIGINAL_DEFAULTS = {
     "spegel.additionalMirrorRegistries": [],
     "spegel.visualize.enabled": False,
     "spegel.advertiseTTL": "10m",
+    # Kernel telemetry and peer choice (this project's additions).
+    "spegel.peerSelection": "telemetry",
+    "ebpf.enabled": False,
+    "ebpf.required": False,
 }
 
 

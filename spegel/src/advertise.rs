@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -15,8 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     metrics,
-    oci::Reference,
-    registry::Filters,
+    oci::{Filters, Reference},
     routing::Router,
     store::{Image, ImageEvent, Store, StoreError},
 };
@@ -29,6 +28,127 @@ struct ImageKeys {
     digests: Vec<String>,
 }
 
+/// One advertised image name, as the admin pages show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdvertisedImage {
+    /// The name as containerd stores it.
+    pub name: String,
+    /// Its registry.
+    pub registry: String,
+    /// The tag key, when tags are advertised and the name has one.
+    pub tag: Option<String>,
+    /// The digest the name points at.
+    pub digest: Option<String>,
+    /// Content digests advertised for it (root included).
+    pub digests: usize,
+}
+
+/// What is advertised right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Advertised {
+    /// Advertised image names, sorted.
+    pub images: Vec<AdvertisedImage>,
+    /// Distinct keys advertised.
+    pub keys: usize,
+}
+
+/// Read-only view of an [`Advertiser`]'s state, updated after every sync and event.
+pub trait AdvertisedView: Send + Sync + 'static {
+    /// The latest snapshot.
+    fn advertised(&self) -> Advertised;
+}
+
+/// Shared snapshot handle; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct AdvertisedHandle(Arc<RwLock<Advertised>>);
+
+impl AdvertisedView for AdvertisedHandle {
+    fn advertised(&self) -> Advertised {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// First delay before re-subscribing after the event stream broke.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between re-subscription attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A synced subscription that lasted this long worked, even if containerd never answered it.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Doubling delay between `min` and `max`, back to `min` on [`Backoff::reset`].
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// What the subscription task hands to [`Advertiser::follow`].
+enum Feed {
+    /// containerd answered the subscription: it is in effect.
+    Subscribed,
+    /// One image event.
+    Event(ImageEvent),
+    /// The subscription could not be made or broke.
+    Failed(StoreError),
+}
+
+/// How one subscription ended.
+struct Session {
+    /// Whether the subscription was in effect and synced, so the backoff starts over.
+    worked: bool,
+    /// `Ok` when the event stream ended, the error that ended it otherwise.
+    result: Result<(), StoreError>,
+}
+
+/// Aborts the task when dropped, so an abandoned subscription does not linger.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Subscribes, then forwards every event until the stream ends or nobody listens.
+async fn feed(store: Arc<dyn Store>, tx: tokio::sync::mpsc::UnboundedSender<Feed>) {
+    let mut events = match store.subscribe().await {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = tx.send(Feed::Failed(e));
+            return;
+        }
+    };
+    if tx.send(Feed::Subscribed).is_err() {
+        return;
+    }
+    while let Some(event) = events.next().await {
+        if tx.send(Feed::Event(event)).is_err() {
+            return;
+        }
+    }
+}
+
 /// Advertises what the store holds and withdraws what it loses.
 pub struct Advertiser {
     store: Arc<dyn Store>,
@@ -37,6 +157,7 @@ pub struct Advertiser {
     resolve_tags: bool,
     images: HashMap<String, ImageKeys>,
     refcounts: HashMap<String, usize>,
+    view: AdvertisedHandle,
 }
 
 impl Advertiser {
@@ -54,7 +175,13 @@ impl Advertiser {
             resolve_tags,
             images: HashMap::new(),
             refcounts: HashMap::new(),
+            view: AdvertisedHandle::default(),
         }
+    }
+
+    /// A handle on what this advertiser has advertised, for the admin pages.
+    pub fn view(&self) -> AdvertisedHandle {
+        self.view.clone()
     }
 
     /// Every key currently advertised.
@@ -62,30 +189,85 @@ impl Advertiser {
         self.refcounts.keys().cloned().collect()
     }
 
-    /// Runs until the task is cancelled: subscribe, full sync, then follow events; when the
-    /// event stream breaks (containerd restarted), back off and start over.
+    /// Runs until the task is cancelled: full sync, then follow events; when the event stream
+    /// breaks (containerd restarted), back off and start over with a full sync.
     pub async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
-            match self.follow().await {
+            let session = self.follow().await;
+            match &session.result {
                 Ok(()) => warn!("containerd event stream ended, resubscribing"),
                 Err(e) => warn!(error = %e, "advertisement sync failed, retrying"),
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            if session.worked {
+                backoff.reset();
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 
-    async fn follow(&mut self) -> Result<(), StoreError> {
-        // Subscribe before listing so nothing that happens in between is missed.
-        let mut events = self.store.subscribe().await?;
-        self.sync().await?;
-        while let Some(event) = events.next().await {
-            if let Err(e) = self.apply(event).await {
-                warn!(error = %e, "could not apply image event");
+    /// One subscription: sync at once, then apply events until the stream ends.
+    ///
+    /// containerd sends a subscription's response headers only with its first event, so the
+    /// subscribe call is left to a task that buffers events; nothing here waits for it before
+    /// syncing. Events between the listing and the subscription taking effect could be missed,
+    /// and the subscription is known to be in effect only once it answers, so that answer
+    /// triggers one more full sync.
+    async fn follow(&mut self) -> Session {
+        let started = tokio::time::Instant::now();
+        // Unbounded: the feed must never block containerd's sender, and it only holds the
+        // events of one sync's duration.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _feed = AbortOnDrop(tokio::spawn(feed(self.store.clone(), tx)));
+        let mut subscribed = false;
+        let mut failed = None;
+        // Whatever the feed already delivered is covered by the sync that follows.
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Feed::Subscribed => subscribed = true,
+                Feed::Event(_) => {}
+                Feed::Failed(e) => failed = Some(e),
             }
         }
-        Ok(())
+        if let Err(e) = self.sync().await {
+            return Session {
+                worked: false,
+                result: Err(e),
+            };
+        }
+        if let Some(e) = failed {
+            return Session {
+                worked: false,
+                result: Err(e),
+            };
+        }
+        let mut worked = subscribed;
+        let result = loop {
+            match rx.recv().await {
+                None => break Ok(()),
+                Some(Feed::Subscribed) if !subscribed => {
+                    subscribed = true;
+                    if let Err(e) = self.sync().await {
+                        break Err(e);
+                    }
+                    worked = true;
+                }
+                Some(Feed::Subscribed) => {}
+                Some(Feed::Event(event)) => {
+                    if let Err(e) = self.apply(event).await {
+                        warn!(error = %e, "could not apply image event");
+                    }
+                }
+                Some(Feed::Failed(e)) => break Err(e),
+            }
+        };
+        Session {
+            // A quiet node never sees the subscription answer; a synced subscription that
+            // held for a while counts as working too, so a later restart starts from the
+            // shortest delay again, while one that breaks at once keeps backing off.
+            worked: worked || started.elapsed() >= STABLE_AFTER,
+            result,
+        }
     }
 
     /// Makes the advertised set match the store's current images.
@@ -93,7 +275,7 @@ impl Advertiser {
         let images = self.store.list_images().await?;
         let mut wanted = HashMap::new();
         for image in images {
-            if let Some(keys) = self.keys_for(&image).await {
+            if let Some(keys) = self.keys_for(&image).await? {
                 wanted.insert(image.name.clone(), keys);
             }
         }
@@ -123,58 +305,81 @@ impl Advertiser {
     pub async fn apply(&mut self, event: ImageEvent) -> Result<(), StoreError> {
         debug!(?event, "image event");
         match event {
-            ImageEvent::Created(name) | ImageEvent::Updated(name) => {
-                let Ok(reference) = Reference::parse_image_name(&name) else {
-                    return Ok(());
-                };
-                let digest = match self.store.resolve(&name).await {
-                    Ok(d) => d,
-                    Err(e) if e.is_not_found() => return Ok(()),
-                    Err(e) => return Err(e),
-                };
-                let image = Image {
-                    name: name.clone(),
-                    reference,
-                    digest,
-                };
-                match self.keys_for(&image).await {
-                    Some(keys) => self.set(name, keys).await,
-                    None => self.remove(&name).await,
+            ImageEvent::Created(name) | ImageEvent::Updated(name) => self.refresh(name).await?,
+            ImageEvent::Deleted(name) => self.remove(&name).await,
+            ImageEvent::ContentDeleted(digest) => {
+                // Walking again skips the missing blob, so exactly that key goes.
+                let digest = digest.to_string();
+                let affected: Vec<String> = self
+                    .images
+                    .iter()
+                    .filter(|(_, keys)| keys.digests.contains(&digest))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in affected {
+                    self.refresh(name).await?;
                 }
             }
-            ImageEvent::Deleted(name) => self.remove(&name).await,
         }
         self.update_gauges();
         Ok(())
     }
 
-    async fn keys_for(&self, image: &Image) -> Option<ImageKeys> {
+    /// Recomputes the keys of image `name` from the store.
+    async fn refresh(&mut self, name: String) -> Result<(), StoreError> {
+        let Ok(reference) = Reference::parse_image_name(&name) else {
+            return Ok(());
+        };
+        let digest = match self.store.resolve(&name).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => {
+                self.remove(&name).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let image = Image {
+            name: name.clone(),
+            reference,
+            digest,
+        };
+        match self.keys_for(&image).await? {
+            Some(keys) => self.set(name, keys).await,
+            None => self.remove(&name).await,
+        }
+        Ok(())
+    }
+
+    /// The keys `image` contributes; `None` when it contributes nothing. Fails only when the
+    /// store is unreachable, so a containerd restart mid-sync withdraws nothing.
+    async fn keys_for(&self, image: &Image) -> Result<Option<ImageKeys>, StoreError> {
         if self.filters.is_filtered(&image.reference) {
-            return None;
+            return Ok(None);
         }
         let descriptors = match self.store.walk(&image.digest).await {
             Ok(d) => d,
+            Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
                 warn!(image = %image.name, error = %e, "could not walk image");
-                return None;
+                return Ok(None);
             }
         };
         if descriptors.is_empty() {
-            return None;
+            return Ok(None);
         }
         let tag = if self.resolve_tags {
             image.reference.tag_name()
         } else {
             None
         };
-        Some(ImageKeys {
+        Ok(Some(ImageKeys {
             registry: image.reference.registry.clone(),
             tag,
             digests: descriptors
                 .into_iter()
                 .map(|d| d.digest.to_string())
                 .collect(),
-        })
+        }))
     }
 
     fn keys_of(keys: &ImageKeys) -> impl Iterator<Item = &String> {
@@ -229,6 +434,7 @@ impl Advertiser {
     }
 
     fn update_gauges(&self) {
+        self.publish();
         let m = metrics::global();
         let mut tags: HashMap<&str, HashSet<&String>> = HashMap::new();
         let mut images: HashMap<&str, HashSet<&String>> = HashMap::new();
@@ -264,6 +470,29 @@ impl Advertiser {
                 .with_label_values(&[registry])
                 .set(set.len() as f64);
         }
+    }
+}
+
+impl Advertiser {
+    /// Publishes the current state to the [`AdvertisedHandle`].
+    fn publish(&self) {
+        let mut images: Vec<AdvertisedImage> = self
+            .images
+            .iter()
+            .map(|(name, keys)| AdvertisedImage {
+                name: name.clone(),
+                registry: keys.registry.clone(),
+                tag: keys.tag.clone(),
+                digest: keys.digests.first().cloned(),
+                digests: keys.digests.len(),
+            })
+            .collect();
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        let snapshot = Advertised {
+            images,
+            keys: self.refcounts.len(),
+        };
+        *self.view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 }
 
@@ -346,6 +575,13 @@ mod tests {
         want.insert("docker.io/library/a:1".into());
         assert_eq!(*router.keys.lock().unwrap(), want);
         assert_eq!(adv.advertised(), want);
+        let view = adv.view().advertised();
+        assert_eq!(view.keys, want.len());
+        assert_eq!(view.images.len(), 1);
+        assert_eq!(view.images[0].name, "docker.io/library/a:1");
+        assert_eq!(view.images[0].tag.as_deref(), Some("docker.io/library/a:1"));
+        assert_eq!(view.images[0].digest, Some(m1.to_string()));
+        assert_eq!(view.images[0].digests, keys1.len());
 
         // A second tag of the same content, created live: only the tag is new.
         store.add_image("docker.io/library/a:2", m1.clone());
@@ -398,6 +634,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn content_delete_withdraws_exactly_that_blob() {
+        let store = Arc::new(MemoryStore::new());
+        let router = Arc::new(RecordingRouter::default());
+        let (m, keys) = image(&store, b"shared layer");
+        store.add_image("docker.io/library/c:1", m.clone());
+        store.add_image("docker.io/library/c:2", m.clone());
+        let (other, other_keys) = image(&store, b"other layer");
+        store.add_image("docker.io/library/d:1", other.clone());
+        let mut adv = Advertiser::new(store.clone(), router.clone(), Filters::default(), false);
+        adv.sync().await.unwrap();
+        let layer: crate::oci::Digest = keys[2].parse().unwrap();
+        store.delete_content(&layer);
+        adv.apply(ImageEvent::ContentDeleted(layer)).await.unwrap();
+        let mut want = set(&[&keys[0], &keys[1]]);
+        want.extend(other_keys.iter().cloned());
+        assert_eq!(*router.keys.lock().unwrap(), want);
+        // Deleting the manifest leaves nothing of the image; the other image is untouched.
+        let manifest: crate::oci::Digest = keys[0].parse().unwrap();
+        store.delete_content(&manifest);
+        adv.apply(ImageEvent::ContentDeleted(manifest))
+            .await
+            .unwrap();
+        assert_eq!(
+            *router.keys.lock().unwrap(),
+            other_keys.iter().cloned().collect::<HashSet<_>>()
+        );
+        // A digest no image holds changes nothing.
+        adv.apply(ImageEvent::ContentDeleted(
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                .parse()
+                .unwrap(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(router.keys.lock().unwrap().len(), other_keys.len());
+    }
+
+    #[tokio::test]
     async fn missing_content_is_not_advertised_and_tags_optional() {
         let store = Arc::new(MemoryStore::new());
         let router = Arc::new(RecordingRouter::default());
@@ -411,5 +685,211 @@ mod tests {
         store.remove_image("docker.io/library/b:1");
         adv.sync().await.unwrap();
         assert!(router.keys.lock().unwrap().is_empty());
+    }
+
+    /// Behaves like containerd where it matters here: a subscription answers only with its
+    /// first event, and a restart ends every event stream and fails every call while down.
+    struct ContainerdLike {
+        inner: MemoryStore,
+        down: std::sync::atomic::AtomicBool,
+        restarts: tokio::sync::watch::Sender<u64>,
+        answered: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ContainerdLike {
+        fn new() -> Self {
+            ContainerdLike {
+                inner: MemoryStore::new(),
+                down: Default::default(),
+                restarts: tokio::sync::watch::channel(0).0,
+                answered: Default::default(),
+            }
+        }
+
+        fn check(&self) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("containerd is down".into()));
+            }
+            Ok(())
+        }
+
+        fn stop(&self) {
+            self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.break_streams();
+        }
+
+        fn break_streams(&self) {
+            self.restarts.send_modify(|n| *n += 1);
+        }
+
+        fn answered(&self) -> usize {
+            self.answered.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn start(&self) {
+            self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl Store for ContainerdLike {
+        fn name(&self) -> &str {
+            "containerd-like"
+        }
+        async fn list_images(&self) -> Result<Vec<Image>, StoreError> {
+            self.check()?;
+            self.inner.list_images().await
+        }
+        async fn resolve(&self, name: &str) -> Result<crate::oci::Digest, StoreError> {
+            self.check()?;
+            self.inner.resolve(name).await
+        }
+        async fn descriptor(
+            &self,
+            digest: &crate::oci::Digest,
+        ) -> Result<crate::store::Descriptor, StoreError> {
+            self.check()?;
+            self.inner.descriptor(digest).await
+        }
+        async fn open(
+            &self,
+            digest: &crate::oci::Digest,
+            range: Option<crate::oci::ContentRange>,
+        ) -> Result<crate::store::Content, StoreError> {
+            self.check()?;
+            self.inner.open(digest, range).await
+        }
+        async fn walk(
+            &self,
+            digest: &crate::oci::Digest,
+        ) -> Result<Vec<crate::store::Descriptor>, StoreError> {
+            crate::store::walk_store(self, digest).await
+        }
+        async fn subscribe(
+            &self,
+        ) -> Result<futures::stream::BoxStream<'static, ImageEvent>, StoreError> {
+            self.check()?;
+            let mut restart = self.restarts.subscribe();
+            let mut events = self.inner.subscribe().await?;
+            let first = tokio::select! {
+                ev = events.next() => ev,
+                _ = restart.changed() => None,
+            };
+            let first = first.ok_or_else(|| StoreError::Unavailable("restarted".into()))?;
+            self.answered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let rest = events.take_until(async move {
+                let _ = restart.changed().await;
+            });
+            Ok(Box::pin(futures::stream::once(async { first }).chain(rest)))
+        }
+    }
+
+    /// Polls (bounded: at most 10 s) until the router holds exactly `want`.
+    async fn until_advertised(router: &RecordingRouter, want: &HashSet<String>) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while *router.keys.lock().unwrap() != *want {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "advertised {:?}, want {want:?}",
+            router.keys.lock().unwrap()
+        );
+    }
+
+    fn with_tag(keys: &[String], tag: &str) -> HashSet<String> {
+        keys.iter().cloned().chain([tag.to_string()]).collect()
+    }
+
+    #[tokio::test]
+    async fn quiet_node_is_advertised_without_any_event() {
+        let store = Arc::new(ContainerdLike::new());
+        let router = Arc::new(RecordingRouter::default());
+        let (m, keys) = image(&store.inner, b"quiet");
+        // Created before the daemon: its event reaches nobody, and none follows.
+        store.inner.add_image("docker.io/library/q:1", m);
+        let adv = Advertiser::new(store.clone(), router.clone(), Filters::default(), true);
+        let task = AbortOnDrop(tokio::spawn(adv.run()));
+        until_advertised(&router, &with_tag(&keys, "docker.io/library/q:1")).await;
+        drop(task);
+    }
+
+    #[tokio::test]
+    async fn restart_resyncs_without_a_later_event() {
+        let store = Arc::new(ContainerdLike::new());
+        let router = Arc::new(RecordingRouter::default());
+        let (a, keys_a) = image(&store.inner, b"a");
+        store.inner.add_image("docker.io/library/a:1", a);
+        let adv = Advertiser::new(store.clone(), router.clone(), Filters::default(), true);
+        let task = AbortOnDrop(tokio::spawn(adv.run()));
+        until_advertised(&router, &with_tag(&keys_a, "docker.io/library/a:1")).await;
+
+        // Live events still arrive (the first one also answers the subscription).
+        let (b, keys_b) = image(&store.inner, b"b");
+        store.inner.add_image("docker.io/library/b:1", b);
+        let mut want = with_tag(&keys_a, "docker.io/library/a:1");
+        want.extend(with_tag(&keys_b, "docker.io/library/b:1"));
+        until_advertised(&router, &want).await;
+
+        // Two restarts; changes made while down have events nobody receives.
+        for round in 0..2u8 {
+            store.stop();
+            let (c, keys_c) = image(&store.inner, &[b'c', round]);
+            let name = format!("docker.io/library/c:{round}");
+            store.inner.add_image(&name, c);
+            if round == 0 {
+                store.inner.remove_image("docker.io/library/a:1");
+            }
+            store.start();
+            want.retain(|k| !keys_a.contains(k) && k != "docker.io/library/a:1");
+            want.extend(with_tag(&keys_c, &name));
+            until_advertised(&router, &want).await;
+        }
+        drop(task);
+    }
+
+    #[tokio::test]
+    async fn a_session_works_once_subscribed_and_synced() {
+        let store = Arc::new(ContainerdLike::new());
+        let router = Arc::new(RecordingRouter::default());
+        let mut adv = Advertiser::new(store.clone(), router.clone(), Filters::default(), true);
+
+        store.stop();
+        let session = adv.follow().await;
+        assert!(!session.worked);
+        assert!(session.result.is_err_and(|e| e.is_unavailable()));
+
+        store.start();
+        let (m, keys) = image(&store.inner, b"s");
+        let follower = tokio::spawn(async move { (adv.follow().await, adv) });
+        // containerd answers a subscription with its first event: send until it has answered.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while store.answered() == 0 {
+                store.inner.add_image("docker.io/library/s:1", m.clone());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("subscription answered");
+        store.break_streams();
+        let (session, _) = follower.await.unwrap();
+        assert!(session.worked, "{:?}", session.result);
+        assert!(session.result.is_ok());
+        assert_eq!(
+            *router.keys.lock().unwrap(),
+            with_tag(&keys, "docker.io/library/s:1")
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

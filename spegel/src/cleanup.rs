@@ -4,22 +4,21 @@
 //! `/readyz`) and one `cleanup-wait` pod that polls every node's probe until all have been ready
 //! for `threshold` consecutive rounds, after which the hook resources can be deleted.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use hyper::{Method, StatusCode};
+use tokio::net::TcpListener;
 
-use crate::config::{CleanupArgs, CleanupWaitArgs, parse_listen_addr};
+use crate::config::{CleanupArgs, CleanupWaitArgs};
 use crate::host_config::{BACKUP_DIR, FsError, clear_config, dir_exists, read_dir_sorted};
+use crate::http::{self, Client, ClientConfig, ClientError, Handler, Request, Response};
+use crate::net::{AddrError, parse_listen_addr, split_host_port};
 
 /// Path of the readiness probe served by `cleanup` and polled by `cleanup-wait`.
 pub const READYZ_PATH: &str = "/readyz";
@@ -40,8 +39,8 @@ pub enum CleanupError {
     #[error(transparent)]
     Fs(#[from] FsError),
     /// `--addr` is not a listen address.
-    #[error("{0}")]
-    InvalidAddr(String),
+    #[error(transparent)]
+    InvalidAddr(AddrError),
     /// The probe listener could not be bound.
     #[error("bind probe server on {addr}: {cause}")]
     Bind {
@@ -61,6 +60,9 @@ pub enum CleanupError {
     /// `--period` is zero.
     #[error("probe period must be greater than zero")]
     InvalidPeriod,
+    /// The probe server stopped with an error.
+    #[error("probe server: {0}")]
+    Serve(std::io::Error),
 }
 
 /// Restores the configuration saved by `configuration` (spec §4.7); a no-op without a backup.
@@ -116,70 +118,50 @@ pub async fn serve_probe(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CleanupError> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept probe connection failed");
-                        // Avoid spinning when the process is out of file descriptors.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let mut stop = stop_rx.clone();
-                connections.spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(probe_handler));
-                    tokio::pin!(conn);
-                    let result = tokio::select! {
-                        result = conn.as_mut() => result,
-                        _ = stop.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "probe connection ended with error");
-                    }
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(http::serve(
+        listener,
+        Arc::new(ProbeHandler),
+        http::Timeouts::default(),
+        stop_rx,
+    ));
+    tokio::select! {
+        () = shutdown => {}
+        // The server only returns on its own when it could not start.
+        result = &mut server => return finished(result),
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut server).await {
+        Ok(result) => finished(result),
+        Err(_) => {
+            tracing::warn!("probe connections did not finish in time, aborting them");
+            server.abort();
+            Ok(())
         }
     }
-    drop(listener);
-    // Receivers were cloned after the initial value, so this wakes every connection task.
-    let _ = stop_tx.send(());
-    let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("probe connections did not finish in time, aborting them");
-        connections.shutdown().await;
-    }
-    Ok(())
 }
 
-async fn probe_handler(
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
-    let ok = req.uri().path() == READYZ_PATH
-        && (req.method() == Method::GET || req.method() == Method::HEAD);
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        tracing::error!(path = req.uri().path(), method = %req.method(), "unsupported probe request");
-        StatusCode::NOT_FOUND
-    };
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = status;
-    Ok(response)
+fn finished(
+    result: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), CleanupError> {
+    match result {
+        Ok(r) => r.map_err(CleanupError::Serve),
+        Err(e) => Err(CleanupError::Serve(std::io::Error::other(e))),
+    }
+}
+
+/// Answers `/readyz`; the probe is the only route.
+struct ProbeHandler;
+
+#[async_trait::async_trait]
+impl Handler for ProbeHandler {
+    async fn handle(&self, req: &Request) -> Response {
+        if req.path == READYZ_PATH && (req.method == "GET" || req.is_head()) {
+            return Response::empty(200);
+        }
+        tracing::error!(path = %req.path, method = %req.method, "unsupported probe request");
+        Response::empty(404)
+    }
 }
 
 /// Entry point of `cleanup-wait` (spec §1.6): returns once every address behind the probe
@@ -190,7 +172,7 @@ async fn probe_handler(
 /// the count. The first round runs immediately, the next ones every `period`. A threshold of 0
 /// is met without probing.
 pub async fn run_cleanup_wait(args: &CleanupWaitArgs) -> Result<(), CleanupError> {
-    let (host, port) = split_host_port(&args.probe_endpoint)?;
+    let (host, port) = probe_endpoint(&args.probe_endpoint)?;
     if args.period.is_zero() {
         return Err(CleanupError::InvalidPeriod);
     }
@@ -233,36 +215,17 @@ pub async fn run_cleanup_wait(args: &CleanupWaitArgs) -> Result<(), CleanupError
     }
 }
 
-/// Splits `host:port` like Go's `net.SplitHostPort`; IPv6 hosts must be bracketed.
-fn split_host_port(endpoint: &str) -> Result<(String, u16), CleanupError> {
+/// The probe endpoint's host and port; the host must not be empty.
+fn probe_endpoint(endpoint: &str) -> Result<(String, u16), CleanupError> {
     let invalid = |reason| CleanupError::InvalidEndpoint {
         endpoint: endpoint.to_string(),
         reason,
     };
-    let (host, port) = if let Some(rest) = endpoint.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| invalid("missing ']' in address"))?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or_else(|| invalid("missing port in address"))?;
-        (host, port)
-    } else {
-        let (host, port) = endpoint
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("missing port in address"))?;
-        if host.contains(':') {
-            return Err(invalid("too many colons in address"));
-        }
-        (host, port)
-    };
+    let (host, port) = split_host_port(endpoint).map_err(|e| invalid(e.reason))?;
     if host.is_empty() {
         return Err(invalid("missing host"));
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| invalid("port must be a number between 0 and 65535"))?;
-    Ok((host.to_string(), port))
+    Ok((host, port))
 }
 
 async fn lookup_ips(host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
@@ -280,20 +243,15 @@ async fn lookup_ips(host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
 enum ProbeError {
     #[error("probe {addr}: timed out")]
     Timeout { addr: SocketAddr },
-    #[error("probe {addr}: connect: {cause}")]
+    #[error("probe {addr}: {cause}")]
     Connect {
         addr: SocketAddr,
-        cause: std::io::Error,
+        cause: ClientError,
     },
     #[error("probe {addr}: {cause}")]
     Http {
         addr: SocketAddr,
-        cause: hyper::Error,
-    },
-    #[error("probe {addr}: build request: {cause}")]
-    Request {
-        addr: SocketAddr,
-        cause: hyper::http::Error,
+        cause: ClientError,
     },
     #[error("probe {addr}: expected status 200 but got {status}")]
     Status {
@@ -318,38 +276,35 @@ async fn probe_ips(ips: &[IpAddr], port: u16) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// One HTTP/1.1 request on a fresh connection, bounded by [`PROBE_TIMEOUT`].
+/// The probe client: a fresh connection per probe, so every round tests every instance anew.
+fn probe_client() -> Client {
+    Client::new(ClientConfig {
+        connect_timeout: PROBE_TIMEOUT,
+        pool_max_idle_per_host: 0,
+        tcp_keepalive: None,
+        ..ClientConfig::default()
+    })
+}
+
+/// One HTTP/1.1 request, bounded by [`PROBE_TIMEOUT`].
 async fn http_request(
     addr: SocketAddr,
     method: Method,
     path: &str,
 ) -> Result<(StatusCode, Bytes), ProbeError> {
-    let exchange = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|cause| ProbeError::Connect { addr, cause })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|cause| ProbeError::Http { addr, cause })?;
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|cause| ProbeError::Request { addr, cause })?;
-        let response = async move {
-            let resp = sender.send_request(req).await?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, body))
-        };
-        // The connection future finishes once the sender is dropped after the response.
-        let (response, _) = tokio::join!(response, conn);
-        response.map_err(|cause| ProbeError::Http { addr, cause })
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+    probe_client()
+        .fetch(
+            method,
+            &format!("http://{addr}{path}"),
+            PROBE_TIMEOUT,
+            64 * 1024,
+        )
         .await
-        .map_err(|_| ProbeError::Timeout { addr })?
+        .map_err(|cause| match cause {
+            ClientError::Timeout => ProbeError::Timeout { addr },
+            cause if cause.is_connect() => ProbeError::Connect { addr, cause },
+            cause => ProbeError::Http { addr, cause },
+        })
 }
 
 #[cfg(test)]
@@ -358,6 +313,13 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use std::convert::Infallible;
+
+    use http_body_util::Empty;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -679,6 +641,7 @@ mod tests {
 
     #[test]
     fn split_host_port_like_go() {
+        let split_host_port = probe_endpoint;
         assert_eq!(
             split_host_port("spegel-cleanup:8080").unwrap(),
             ("spegel-cleanup".to_string(), 8080)

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 
+pub use crate::telemetry::{EbpfMode, PeerSelection};
+
 /// Top-level command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -165,6 +167,17 @@ pub struct RegistryArgs {
     /// Most providers to discover per lookup.
     #[arg(long, env = "MIRROR_RESOLVE_RETRIES", default_value = "3")]
     pub mirror_resolve_retries: usize,
+    /// Lower bound of the wait for a peer's response headers before a race gives up
+    /// (the wait is `max(2 x p90 latency, this)`). Not a flag of the original.
+    #[arg(long, env = "MIRROR_RACE_TIMEOUT_FLOOR", default_value = "100ms", value_parser = parse_duration)]
+    pub mirror_race_timeout_floor: Duration,
+    /// Times a broken blob body from a peer is resumed from another. Not a flag of the original.
+    #[arg(long, env = "MIRROR_MAX_RESUMES", default_value = "5")]
+    pub mirror_max_resumes: usize,
+    /// A peer body that delivers nothing for this long counts as broken. Not a flag of the
+    /// original.
+    #[arg(long, env = "MIRROR_BODY_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub mirror_body_stall_timeout: Duration,
     /// Serve the debug web UI on the metrics listener.
     #[arg(long, env = "DEBUG_WEB_ENABLED", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub debug_web_enabled: bool,
@@ -192,6 +205,13 @@ pub struct RegistryArgs {
     /// How long a provider record lives without being re-provided.
     #[arg(long, env = "ADVERTISE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub advertise_ttl: Duration,
+    /// Kernel telemetry: auto (load if possible), on (failure is fatal) or off.
+    #[arg(long, env = "EBPF", default_value = "auto")]
+    pub ebpf: EbpfMode,
+    /// Peer choice: telemetry, latency or least-used; default telemetry whenever a telemetry
+    /// source runs (userspace measurements count), else latency.
+    #[arg(long, env = "PEER_SELECTION")]
+    pub peer_selection: Option<PeerSelection>,
 }
 
 impl RegistryArgs {
@@ -278,32 +298,7 @@ fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
     }
 }
 
-/// Turns a Go-style listen address (`:5000`, `127.0.0.1:5000`, `[::1]:5000`) into a socket address.
-pub fn parse_listen_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
-    let normalized = if let Some(port) = addr.strip_prefix(':') {
-        format!("[::]:{port}")
-    } else {
-        addr.to_string()
-    };
-    normalized
-        .parse()
-        .map_err(|e| format!("invalid listen address {addr:?}: {e}"))
-}
-
-/// Binds a Go-style listen address; `:port` listens on every interface, IPv6 and IPv4 where
-/// the node has IPv6, IPv4 only where it does not.
-pub async fn bind_listen_addr(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    let parsed = parse_listen_addr(addr)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    match tokio::net::TcpListener::bind(parsed).await {
-        Ok(l) => Ok(l),
-        Err(e) if parsed.ip() == std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
-            tracing::debug!(error = %e, "IPv6 listen failed, using IPv4");
-            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, parsed.port())).await
-        }
-        Err(e) => Err(e),
-    }
-}
+pub use crate::net::{bind_listen_addr, parse_listen_addr};
 
 #[cfg(test)]
 mod tests {
@@ -357,6 +352,9 @@ mod tests {
         assert_eq!(args.mirror_resolve_timeout, Duration::from_millis(50));
         assert!(!args.debug_web_enabled);
         assert_eq!(args.mirror_resolve_retries, 3);
+        assert_eq!(args.mirror_race_timeout_floor, Duration::from_millis(100));
+        assert_eq!(args.mirror_max_resumes, 5);
+        assert_eq!(args.mirror_body_stall_timeout, Duration::from_secs(30));
         assert_eq!(args.registry_addr, ":5000");
 
         let cli = Cli::try_parse_from([
@@ -371,6 +369,30 @@ mod tests {
             panic!("expected registry")
         };
         assert_eq!(args.effective_registry_filters(), ["a{1,3}", ":latest$"]);
+    }
+
+    #[test]
+    fn telemetry_flags() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["spegel", "registry"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Registry(args)) => Ok((args.ebpf, args.peer_selection)),
+                Ok(_) => panic!("expected registry"),
+                Err(e) => Err(e),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap(), (EbpfMode::Auto, None));
+        assert_eq!(
+            parse(&["--ebpf=on", "--peer-selection=latency"]).unwrap(),
+            (EbpfMode::On, Some(PeerSelection::Latency))
+        );
+        assert_eq!(
+            parse(&["--ebpf", "off", "--peer-selection", "least-used"]).unwrap(),
+            (EbpfMode::Off, Some(PeerSelection::LeastUsed))
+        );
+        assert!(parse(&["--ebpf=maybe"]).is_err());
+        assert!(parse(&["--peer-selection=random"]).is_err());
     }
 
     #[test]

@@ -1,21 +1,15 @@
 //! The `spegel` binary: subcommands `registry`, `configuration`, `cleanup`, `cleanup-wait`, `version`.
+//!
+//! It only parses flags, sets up logging and runs; the daemon is composed in [`spegel::app`].
 
-use std::{process::ExitCode, sync::Arc};
+use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use spegel::{
-    advertise::Advertiser,
+    app::{App, AppConfig},
     auth,
-    config::{
-        Cli, Command, RegistryArgs, VersionArgs, VersionFormat, bind_listen_addr, parse_listen_addr,
-    },
-    mirror::{MirrorConfig, PeerMirror},
-    registry::{self, Filters, Registry, Timeouts, http},
-    routing::{Bootstrapper, P2pConfig, P2pRouter, Router, serve_http_bootstrap},
-    store::{ContainerdStore, ContainerdStoreConfig, Store},
+    config::{Cli, Command, RegistryArgs, VersionArgs, VersionFormat},
 };
-use tokio::sync::watch;
 use tracing::{error, info};
 
 fn main() -> ExitCode {
@@ -85,158 +79,12 @@ async fn shutdown_signal() {
 }
 
 async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
-    let filters = Filters::new(
-        &args.mirrored_registries,
-        &args.effective_registry_filters(),
-    )?;
-    let basic_auth = auth::load(std::path::Path::new(auth::DEFAULT_DIR))?;
-    let registry_port = parse_listen_addr(&args.registry_addr)
-        .map_err(anyhow::Error::msg)?
-        .port();
-    let router_port = parse_listen_addr(&args.router_addr)
-        .map_err(anyhow::Error::msg)?
-        .port();
-    let bootstrap = Bootstrapper::from_args(&args, router_port)?;
-    let store: Arc<dyn Store> = Arc::new(
-        ContainerdStore::connect(ContainerdStoreConfig {
-            socket: args.containerd_sock.clone(),
-            namespace: args.containerd_namespace.clone(),
-            content_path: args.containerd_content_path.clone(),
-        })
-        .await?,
-    );
-    let registry_listener = bind_listen_addr(&args.registry_addr)
-        .await
-        .with_context(|| format!("listening on registry address {}", args.registry_addr))?;
-    let metrics_listener = bind_listen_addr(&args.metrics_addr)
-        .await
-        .with_context(|| format!("listening on metrics address {}", args.metrics_addr))?;
-
-    let (router, router_task) = P2pRouter::start(P2pConfig {
-        router_addr: args.router_addr.clone(),
-        registry_port,
-        data_dir: args.data_dir.clone(),
-        advertise_ttl: args.advertise_ttl,
-        bootstrap,
-    })
-    .await?;
-    let shared_router: Arc<dyn Router> = Arc::new(router.clone());
-
-    let advertiser = Advertiser::new(
-        store.clone(),
-        shared_router.clone(),
-        filters.clone(),
-        args.resolve_tags,
-    );
-    let advertise_task = tokio::spawn(advertiser.run());
-
-    let mirror = PeerMirror::new(
-        shared_router.clone(),
-        MirrorConfig {
-            resolve_timeout: args.mirror_resolve_timeout,
-            resolve_retries: args.mirror_resolve_retries.max(1),
-            basic_auth_header: basic_auth.as_ref().map(|a| a.header_value()),
-            ..Default::default()
-        },
-    )?;
-    let ready_router = router.clone();
-    let registry = Arc::new(Registry {
-        store,
-        filters,
-        mirror: Some(Arc::new(mirror)),
-        auth: basic_auth,
-        // A lone node serves its own content but is not ready (§3.5).
-        ready: Arc::new(move || ready_router.ready()),
-    });
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let timeouts = Timeouts::default();
-    let mut servers = vec![
-        tokio::spawn(registry::serve(
-            registry_listener,
-            registry,
-            timeouts,
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(registry::serve(
-            metrics_listener,
-            Arc::new(MetricsHandler {
-                router: router.clone(),
-                debug_web: args.debug_web_enabled,
-            }),
-            timeouts,
-            shutdown_rx.clone(),
-        )),
-    ];
-    if !args.http_bootstrap_addr.is_empty() {
-        let listener = bind_listen_addr(&args.http_bootstrap_addr)
-            .await
-            .with_context(|| {
-                format!(
-                    "listening on HTTP bootstrap address {}",
-                    args.http_bootstrap_addr
-                )
-            })?;
-        let r = router.clone();
-        let info = Arc::new(move || (r.local_peer_id(), r.listen_addrs()));
-        servers.push(tokio::spawn(serve_http_bootstrap(
-            listener,
-            info,
-            shutdown_rx.clone(),
-        )));
-    }
-    info!(registry = %args.registry_addr, router = %args.router_addr, "running Spegel");
-
-    shutdown_signal().await;
-    info!("shutting down");
-    // Tell peers first, so they stop routing to us while in-flight requests finish.
-    router.shutdown().await;
-    advertise_task.abort();
-    let _ = shutdown_tx.send(true);
-    for task in servers {
-        task.await
-            .context("server task panicked")?
-            .context("server failed")?;
-    }
-    router_task.abort();
+    let config = AppConfig::from_args(&args, std::path::Path::new(auth::DEFAULT_DIR))?;
+    App::start(config)
+        .await?
+        .run_until(shutdown_signal())
+        .await?;
     Ok(())
-}
-
-/// The metrics listener: `/metrics`, and `/debug/web/metadata` when the debug web is enabled.
-struct MetricsHandler {
-    router: P2pRouter,
-    debug_web: bool,
-}
-
-#[async_trait::async_trait]
-impl registry::Handler for MetricsHandler {
-    async fn handle(&self, req: &http::Request) -> http::Response {
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET" | "HEAD", "/metrics") => http::Response::empty(200)
-                .header("Content-Type", "text/plain; version=0.0.4")
-                .body(http::Body::Bytes(spegel::metrics::global().encode().into())),
-            ("GET" | "HEAD", "/debug/web/metadata") if self.debug_web => {
-                let doc = serde_json::json!({"libp2p": {"id": self.router.local_peer_id()}});
-                http::Response::empty(200)
-                    .header("Content-Type", "application/json")
-                    .body(http::Body::Bytes(doc.to_string().into_bytes().into()))
-            }
-            ("GET" | "HEAD", "/debug/web/peers") if self.debug_web => {
-                let peers: Vec<_> = self
-                    .router
-                    .peers()
-                    .into_iter()
-                    .map(|(id, addrs)| serde_json::json!({"id": id, "addrs": addrs}))
-                    .collect();
-                http::Response::empty(200)
-                    .header("Content-Type", "application/json")
-                    .body(http::Body::Bytes(
-                        serde_json::to_vec(&peers).unwrap_or_default().into(),
-                    ))
-            }
-            _ => http::Response::empty(404),
-        }
-    }
 }
 
 fn version(args: &VersionArgs) -> ExitCode {

@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
 
@@ -14,7 +14,7 @@ pub struct Metrics {
     pub mirror_requests_total: IntCounterVec,
     /// `spegel_mirror_last_success_timestamp_seconds`: Unix time of the last successful mirror.
     pub mirror_last_success: Gauge,
-    /// `spegel_resolve_duration_seconds{router}`: lookup start to each provider found.
+    /// `spegel_resolve_duration_seconds{router}`: lookup start to the first provider found, once per mirror lookup.
     pub resolve_duration: HistogramVec,
     /// `spegel_advertised_image_tags{registry}`.
     pub advertised_image_tags: GaugeVec,
@@ -28,7 +28,25 @@ pub struct Metrics {
     pub http_response_size: HistogramVec,
     /// `http_requests_inflight{handler}`.
     pub http_requests_inflight: GaugeVec,
+    /// `spegel_store_content_opens_total{path}`: content opened by data path,
+    /// [`CONTENT_PATH_FILE`] or [`CONTENT_PATH_STREAM`] (not in the original).
+    pub content_opens: IntCounterVec,
+    /// `spegel_peer_rtt_seconds{peer}`: smoothed TCP RTT to a known peer's address.
+    pub peer_rtt: GaugeVec,
+    /// `spegel_peer_min_rtt_seconds{peer}`: minimum TCP RTT to a known peer's address.
+    pub peer_min_rtt: GaugeVec,
+    /// `spegel_peer_retransmits_total{peer}`: TCP segments retransmitted to a known peer.
+    pub peer_retransmits_total: IntCounterVec,
+    /// `spegel_peer_throughput_bytes_per_second{peer}`: recent blob transfer rate from a peer.
+    pub peer_throughput: GaugeVec,
+    /// `spegel_ebpf_enabled`: 1 when the kernel probes are loaded, else 0.
+    pub ebpf_enabled: IntGauge,
 }
+
+/// `path` label: content read from containerd's content directory (bodies go out with sendfile).
+pub const CONTENT_PATH_FILE: &str = "file";
+/// `path` label: content streamed through containerd's content API (a userspace copy).
+pub const CONTENT_PATH_STREAM: &str = "stream";
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only reachable with a programming error in the static definitions below.
@@ -100,6 +118,45 @@ impl Metrics {
                 ),
                 &["handler"],
             )),
+            content_opens: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_store_content_opens_total",
+                    "Content opened from the store, by data path: file (sent with sendfile) or stream (containerd content API).",
+                ),
+                &["path"],
+            )),
+            peer_rtt: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_rtt_seconds",
+                    "Smoothed TCP round-trip time to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_min_rtt: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_min_rtt_seconds",
+                    "Minimum TCP round-trip time to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_retransmits_total: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_peer_retransmits_total",
+                    "TCP segments retransmitted to the peer.",
+                ),
+                &["peer"],
+            )),
+            peer_throughput: must(GaugeVec::new(
+                Opts::new(
+                    "spegel_peer_throughput_bytes_per_second",
+                    "Recent blob transfer throughput from the peer.",
+                ),
+                &["peer"],
+            )),
+            ebpf_enabled: must(IntGauge::new(
+                "spegel_ebpf_enabled",
+                "Whether the eBPF telemetry probes are loaded (1) or not (0).",
+            )),
             registry,
         };
         must(
@@ -129,6 +186,15 @@ impl Metrics {
             m.registry
                 .register(Box::new(m.http_requests_inflight.clone())),
         );
+        must(m.registry.register(Box::new(m.content_opens.clone())));
+        must(m.registry.register(Box::new(m.peer_rtt.clone())));
+        must(m.registry.register(Box::new(m.peer_min_rtt.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.peer_retransmits_total.clone())),
+        );
+        must(m.registry.register(Box::new(m.peer_throughput.clone())));
+        must(m.registry.register(Box::new(m.ebpf_enabled.clone())));
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
@@ -173,5 +239,7 @@ mod tests {
         assert!(text.contains(r#"http_response_size_bytes_bucket{code="200",handler="/v2/*",method="GET",le="1024"} 0"#));
         assert!(text.contains(r#"le="2000000000""#), "{text}");
         assert!(text.contains(r#"spegel_advertised_image_tags{registry="docker.io"} 1"#));
+        // Exported from the start (0 until the probes load).
+        assert!(text.contains("\nspegel_ebpf_enabled "), "{text}");
     }
 }

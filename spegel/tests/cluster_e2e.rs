@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use bench::{
     cluster::{Cluster, METRICS_PORT, REGISTRY_PORT},
-    images::{ImageSpec, PushedImage},
+    images::{BlobKind, ImageSpec, PushedImage},
 };
 
 const MIB: u64 = 1 << 20;
@@ -71,6 +71,76 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     for k in 1..=3 {
         cluster.wait_ready(k, Duration::from_secs(60))?;
     }
+    let version = cluster.node(1).server_version().to_string();
+    eprintln!("containerd server version: {version}");
+    let ns = cluster.upstream_host().replace(':', "%3A");
+    let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
+
+    // Advertisement is exact. A blob removed through the content API is withdrawn, the rest
+    // of its image stays. An image deleted on its only holder is withdrawn: its layer stays on
+    // disk (containerd keeps it under the image-ID name), so a 200 after the delete would be a
+    // stale advertisement, not a missing file.
+    let gone = cluster.push(&ImageSpec {
+        repo: "e2e/gone".into(),
+        tag: "v1".into(),
+        layers: vec![300_000, 200_000],
+        seed: 15,
+        platforms: vec![],
+    })?;
+    cluster.node(1).pull(&gone.reference, false)?;
+    let layers: Vec<String> = gone
+        .of_kind(BlobKind::Layer)
+        .map(|b| b.digest.clone())
+        .collect();
+    assert_eq!(layers.len(), 2);
+    let probe_status = |digest: &str| {
+        let target = format!("/v2/{}/blobs/{digest}?ns={ns}", gone.repo);
+        cluster
+            .get_from(2, &node2, &target, &[])
+            .map(|r| r.status)
+            .unwrap_or(0)
+    };
+    for layer in &layers {
+        bench::process::wait_for(
+            &format!("advertisement of {layer} (containerd {version})"),
+            Duration::from_secs(30),
+            || probe_status(layer) == 200,
+        )?;
+    }
+    // Node 1 no longer has the file either way, so its own count shows the withdrawal.
+    let advertised = |k| metric(&cluster, k, k, "spegel_advertised_content_digests");
+    let before = advertised(1);
+    assert!(
+        before >= 3.0,
+        "containerd {version}: {before} digests advertised"
+    );
+    cluster.node(1).remove_content(&layers[0])?;
+    bench::process::wait_for(
+        &format!(
+            "withdrawal of deleted content {} (containerd {version})",
+            layers[0]
+        ),
+        Duration::from_secs(30),
+        || advertised(1) == before - 1.0 && probe_status(&layers[0]) == 404,
+    )?;
+    assert_eq!(
+        probe_status(&layers[1]),
+        200,
+        "containerd {version}: deleting one blob withdrew another"
+    );
+    cluster.node(1).remove_image(&gone.reference)?;
+    bench::process::wait_for(
+        &format!(
+            "withdrawal of {} after the image delete (containerd {version})",
+            layers[1]
+        ),
+        Duration::from_secs(30),
+        || probe_status(&layers[1]) == 404,
+    )?;
+    assert!(
+        cluster.node(1).blob_size(&layers[1]).is_some(),
+        "containerd {version} removed the layer with the name, so the withdrawal check proves nothing"
+    );
 
     // Node 1: nobody has anything, the mirror answers 404 and containerd falls back upstream.
     for image in &images {
@@ -78,8 +148,6 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
         assert_has_all(&cluster, 1, image);
     }
     // Node 2 can find every image on a peer before upstream goes away.
-    let ns = cluster.upstream_host().replace(':', "%3A");
-    let node2 = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(2));
     for image in &images {
         let probe = format!("/v2/{}/manifests/{}?ns={ns}", image.repo, image.tag);
         bench::process::wait_for("advertisement", Duration::from_secs(30), || {
@@ -110,10 +178,13 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     let puller = {
         let ns = cluster.network().node(3);
         let sock = cluster.node(3).socket();
+        let ctr = cluster.node(3).ctr_bin();
         let certs = cluster.node(3).certs_d();
         std::thread::spawn(move || {
             std::process::Command::new("ip")
-                .args(["netns", "exec", &ns, "ctr", "-a"])
+                .args(["netns", "exec", &ns])
+                .arg(ctr)
+                .arg("-a")
                 .arg(sock)
                 .args([
                     "-n",

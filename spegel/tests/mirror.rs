@@ -14,14 +14,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use spegel::{
     auth::BasicAuth,
-    mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror},
-    oci::{ByteRange, DistributionPath, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
-    registry::{
-        self, Filters, Handler, Registry, Timeouts,
-        http::{Body, Request, Response},
-    },
+    http::{self, Body, Handler, Request, Response, Timeouts},
+    mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror, PeerSelector, TelemetrySelector},
+    oci::{ByteRange, DistributionPath, Filters, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
+    registry::Registry,
     routing::{Peer, Router, RoutingError},
     store::MemoryStore,
+    telemetry::{NetTelemetry, StaticTelemetry},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -42,6 +41,8 @@ struct FakeRouter {
     keep_open: bool,
     held: Mutex<Vec<mpsc::Sender<Peer>>>,
     lookups: Mutex<Vec<(String, usize)>>,
+    /// Deliver providers only after this long (a DHT whose peers are far away).
+    delay: Option<Duration>,
 }
 
 impl FakeRouter {
@@ -78,6 +79,15 @@ impl Router for FakeRouter {
             .cloned()
             .unwrap_or_default();
         let (tx, rx) = mpsc::channel(64);
+        if let Some(delay) = self.delay {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                for p in peers.into_iter().take(count) {
+                    let _ = tx.send(p).await;
+                }
+            });
+            return Ok(rx);
+        }
         for p in peers.into_iter().take(count) {
             tx.try_send(p).unwrap();
         }
@@ -215,6 +225,14 @@ impl Handler for Recording {
         });
         self.inner.handle(req).await
     }
+
+    fn label(&self, req: &Request) -> &'static str {
+        self.inner.label(req)
+    }
+
+    fn log_served(&self, label: &'static str) -> bool {
+        self.inner.log_served(label)
+    }
 }
 
 /// A real registry server (optionally with a mirror of its own).
@@ -248,7 +266,7 @@ async fn registry_server(
         head: Duration::from_secs(2),
         write_stall: Duration::from_secs(5),
     };
-    tokio::spawn(registry::serve(listener, Arc::new(handler), timeouts, rx));
+    tokio::spawn(http::serve(listener, Arc::new(handler), timeouts, rx));
     Server {
         addr,
         log,
@@ -268,6 +286,8 @@ enum Behaviour {
     TruncateFirst,
     /// Send the head and half the body, then the rest once the gate opens.
     Gated(watch::Receiver<bool>),
+    /// Send the body in 64 KiB pieces with this pause between them (a throttled link).
+    Paced(Duration),
 }
 
 struct RawPeer {
@@ -356,7 +376,7 @@ async fn raw_connection(
         }
         Behaviour::Truncate => true,
         Behaviour::TruncateFirst => nth == 0,
-        Behaviour::Gated(_) => false,
+        Behaviour::Gated(_) | Behaviour::Paced(_) => false,
     };
     let size = data.len() as u64;
     let mut head = String::new();
@@ -376,6 +396,18 @@ async fn raw_connection(
         "Content-Type: application/octet-stream\r\nContent-Length: {len}\r\nDocker-Content-Digest: {digest}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n"
     ));
     let body = data.slice(start..start + len);
+    if let Behaviour::Paced(pause) = behaviour {
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for piece in body.chunks(64 << 10) {
+            if stream.write_all(piece).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        return;
+    }
     let half = len / 2;
     if stream.write_all(head.as_bytes()).await.is_err()
         || stream.write_all(&body[..half]).await.is_err()
@@ -485,7 +517,8 @@ async fn first_good_peer_wins_with_headers_and_auth() {
         resp.get_header("content-length"),
         Some(f.layer_data.len().to_string().as_str())
     );
-    assert_eq!(resp.get_header("oci-namespace"), None);
+    // Issue 8 item 6: mirrored responses carry OCI-Namespace like local ones (Spegel #1101).
+    assert_eq!(resp.get_header("oci-namespace"), Some("docker.io"));
     assert_eq!(body_of(resp).await.unwrap(), f.layer_data);
 
     assert_eq!(router.lookups.lock().unwrap()[0], (f.layer.clone(), 3));
@@ -1066,4 +1099,94 @@ async fn registry_forwards_to_peer_end_to_end() {
     .await;
     assert_eq!(status, 404);
     assert_eq!(count(&b.log), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Telemetry-fed selection and adaptive timeouts
+
+/// A blob large enough for throughput samples, with its real digest.
+fn big_blob() -> (Bytes, String) {
+    use sha2::Digest as _;
+    let data: Bytes = (0..(2u32 << 20))
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
+    (data, digest)
+}
+
+#[tokio::test]
+async fn telemetry_selector_leaves_a_throttled_peer_after_one_transfer() {
+    let (data, digest) = big_blob();
+    // 32 pieces, 20 ms apart: far slower than the unpaced peer on loopback.
+    let slow = raw_peer(
+        Behaviour::Paced(Duration::from_millis(20)),
+        data.clone(),
+        digest.clone(),
+    )
+    .await;
+    let fast = raw_peer(
+        Behaviour::Gated(watch::channel(true).1),
+        data.clone(),
+        digest.clone(),
+    )
+    .await;
+    // The throttled peer comes first, and nothing tells them apart before a transfer.
+    let router = FakeRouter::new(&[(digest.as_str(), vec![peer(slow.addr), peer(fast.addr)])]);
+    let selector = Arc::new(TelemetrySelector::with_seed(None, 1, 0));
+    let m = mirror(router, |c| c.selector = selector.clone());
+    for _ in 0..5 {
+        let resp = forward(&m, blob_request(&digest, false, None)).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(body_of(resp).await.unwrap(), data);
+    }
+    assert_eq!((count(&slow.log), count(&fast.log)), (1, 4));
+    assert!(selector.throughput("127.0.0.1".parse().unwrap()).is_some());
+}
+
+#[tokio::test]
+async fn resolve_timeout_stretches_with_peer_rtt() {
+    let f = fixture();
+    let server = registry_server(f.store.clone(), None, None).await;
+    let far = |delay| {
+        let mut r = FakeRouter {
+            delay: Some(delay),
+            ..FakeRouter::default()
+        };
+        r.providers
+            .get_mut()
+            .unwrap()
+            .insert(f.layer.clone(), vec![peer(server.addr)]);
+        Arc::new(r)
+    };
+    // Every peer 50 ms away: the DHT's first answer (two round trips) comes after 80 ms.
+    let rtt = Duration::from_millis(50);
+    let telemetry: Arc<dyn NetTelemetry> = Arc::new(StaticTelemetry::new(vec![(
+        server.addr.ip(),
+        StaticTelemetry::rtt(rtt),
+    )]));
+    let configured = |c: &mut MirrorConfig| {
+        c.resolve_timeout = Duration::from_millis(20);
+        c.race_timeout_floor = Duration::from_millis(100);
+    };
+    let plain = mirror(far(Duration::from_millis(80)), configured);
+    let resp = forward(&plain, blob_request(&f.layer, false, None)).await;
+    assert_eq!(
+        resp.status, 404,
+        "the configured 20 ms ends before the answer"
+    );
+    let adaptive = mirror(far(Duration::from_millis(80)), |c| {
+        configured(c);
+        c.telemetry = Some(telemetry.clone());
+    });
+    let resp = forward(&adaptive, blob_request(&f.layer, false, None)).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(body_of(resp).await.unwrap(), f.layer_data);
+    // The stretch is bounded by the RTT: a provider much later still misses.
+    let late = mirror(far(Duration::from_secs(3)), |c| {
+        configured(c);
+        c.telemetry = Some(telemetry.clone());
+    });
+    let resp = forward(&late, blob_request(&f.layer, false, None)).await;
+    assert_eq!(resp.status, 404);
 }

@@ -4,8 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use spegel::{
     auth::BasicAuth,
-    oci::{DOCKER_MANIFEST, Digest, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
-    registry::{self, Filters, Registry, Timeouts},
+    http::{self, Timeouts},
+    oci::{DOCKER_MANIFEST, Digest, Filters, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
+    registry::Registry,
     store::MemoryStore,
 };
 use tokio::{
@@ -98,7 +99,7 @@ impl Server {
             head: Duration::from_secs(2),
             write_stall: Duration::from_secs(5),
         };
-        let task = tokio::spawn(registry::serve(listener, Arc::new(registry), timeouts, rx));
+        let task = tokio::spawn(http::serve(listener, Arc::new(registry), timeouts, rx));
         Server {
             addr,
             shutdown,

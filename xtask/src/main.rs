@@ -107,6 +107,11 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     rust.args(["test", "--workspace", "--release"])
         .args(args)
         .env("SPEGEL_BIN", root.join("target/release/spegel"));
+    eprintln!(
+        "main run on containerd {} (set {} to change)",
+        bench::containerd::Version::from_env()?,
+        bench::containerd::VERSION_ENV
+    );
     let rust_result = run(&mut rust);
     let chart_result = if root.join("charts/tests").is_dir() && args.is_empty() {
         run(Command::new("python3")
@@ -115,7 +120,54 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     } else {
         Ok(())
     };
-    rust_result.and(chart_result)
+    let matrix_result = if args.is_empty() {
+        containerd_matrix(root)
+    } else {
+        Ok(())
+    };
+    rust_result.and(chart_result).and(matrix_result)
+}
+
+/// Tests that run against every containerd version of the matrix; the main run covers the
+/// default version.
+const MATRIX_TESTS: &[&str] = &["cluster_e2e", "chart_testbed"];
+
+/// Runs [`MATRIX_TESTS`] once per containerd version other than the default, naming the
+/// versions that failed.
+fn containerd_matrix(root: &Path) -> anyhow::Result<()> {
+    use bench::containerd::{VERSION_ENV, Version};
+    let default = Version::from_env()?;
+    let mut failed = Vec::new();
+    for version in Version::ALL.into_iter().filter(|v| *v != default) {
+        let binary = version.containerd_bin();
+        let reported = Command::new(&binary)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|e| format!("{} not runnable: {e}", binary.display()));
+        eprintln!("\n==== containerd {version}: {reported} ====");
+        let mut cmd = Command::new("cargo");
+        cmd.args(["test", "--release", "-p", "spegel"]);
+        for test in MATRIX_TESTS {
+            cmd.args(["--test", test]);
+        }
+        cmd.env(VERSION_ENV, version.label())
+            .env("SPEGEL_BIN", root.join("target/release/spegel"));
+        if let Err(e) = run(&mut cmd) {
+            eprintln!("==== containerd {version}: FAILED ({e}) ====");
+            failed.push(version.label());
+        } else {
+            eprintln!("==== containerd {version}: passed ====");
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} failed on containerd {}",
+            MATRIX_TESTS.join(" and "),
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Release build of the daemon, which tests, the demo and benchmarks run as a process.

@@ -116,3 +116,31 @@ helm.sh/hook: post-delete
 helm.sh/hook-delete-policy: before-hook-creation, hook-succeeded
 helm.sh/hook-weight: {{ .weight | quote }}
 {{- end }}
+
+{{/*
+The --ebpf mode: off unless ebpf.enabled; on (fatal failure) when ebpf.required too.
+*/}}
+{{- define "spegel.ebpfMode" -}}
+{{- if not .Values.ebpf.enabled -}}
+off
+{{- else if .Values.ebpf.required -}}
+on
+{{- else -}}
+auto
+{{- end -}}
+{{- end }}
+
+{{/*
+The registry container's security context (JSON): securityContext, plus CAP_BPF and
+CAP_NET_ADMIN when the eBPF probes are enabled (sock_ops programs need exactly these).
+*/}}
+{{- define "spegel.registrySecurityContext" -}}
+{{- $sc := deepCopy (.Values.securityContext | default dict) -}}
+{{- if .Values.ebpf.enabled -}}
+{{- $caps := deepCopy ($sc.capabilities | default dict) -}}
+{{- $add := concat ($caps.add | default list) (list "BPF" "NET_ADMIN") | uniq -}}
+{{- $_ := set $caps "add" $add -}}
+{{- $_ := set $sc "capabilities" $caps -}}
+{{- end -}}
+{{- toJson $sc -}}
+{{- end }}

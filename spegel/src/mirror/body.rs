@@ -1,7 +1,11 @@
 //! The body of a forwarded response: streams a peer's body and, for blobs, resumes a body that
 //! broke mid-stream from the exact byte reached, with a range request to another provider.
 
-use std::{io, sync::Arc};
+use std::{
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -19,6 +23,11 @@ use crate::{
     oci::{ByteRange, Kind},
     routing::Peer,
 };
+
+/// Least bytes for a throughput sample: below this, round trips dominate the time.
+const MIN_SAMPLE_BYTES: u64 = 1 << 20;
+/// A long body reports its throughput this often, so concurrent choices see a slow link.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Streams exactly `len` bytes of content starting at content offset `start`.
 pub struct ResumingBody {
@@ -42,6 +51,8 @@ pub struct ResumingBody {
     pub(super) sent: u64,
     pub(super) resumes: usize,
     pub(super) done: bool,
+    /// Bytes read from the current peer since the instant, for its throughput.
+    pub(super) segment: (Instant, u64),
 }
 
 impl ResumingBody {
@@ -72,7 +83,21 @@ impl ResumingBody {
             sent: 0,
             resumes: 0,
             done: false,
+            segment: (Instant::now(), 0),
         }
+    }
+
+    /// Tells the selector how fast the current peer delivered since the last report.
+    fn report_transfer(&mut self, force: bool) {
+        let (since, bytes) = self.segment;
+        let elapsed = since.elapsed();
+        if bytes < MIN_SAMPLE_BYTES || (!force && elapsed < SAMPLE_EVERY) {
+            return;
+        }
+        if let Some((peer, _, _)) = &self.current {
+            self.shared.selector.observe_transfer(peer, bytes, elapsed);
+        }
+        self.segment = (Instant::now(), 0);
     }
 
     /// The body as the stream the registry writes.
@@ -99,6 +124,8 @@ impl ResumingBody {
                             Ok(data) if !data.is_empty() => {
                                 let take = data.len().min((self.len - self.sent) as usize);
                                 self.sent += take as u64;
+                                self.segment.1 += take as u64;
+                                self.report_transfer(self.sent >= self.len);
                                 return Some(Ok(data.slice(..take)));
                             }
                             _ => continue,
@@ -109,6 +136,7 @@ impl ResumingBody {
                     }
                 }
             };
+            self.report_transfer(true);
             if let Some((peer, body, guard)) = self.current.take() {
                 let what = match self.spec.path.kind {
                     Kind::Blob => "blob",
@@ -141,6 +169,7 @@ impl ResumingBody {
             match race(&self.shared, &mut self.pool, &spec).await {
                 Ok(w) if w.fetched.size == self.size && w.fetched.digest == self.digest => {
                     self.current = Some((w.peer, w.fetched.body, w.guard));
+                    self.segment = (Instant::now(), 0);
                 }
                 Ok(w) => {
                     warn!(peer = %w.peer.id, size = w.fetched.size, digest = %w.fetched.digest,

@@ -1,20 +1,19 @@
-//! Outbound HTTP/1.1 requests to peers' registries, over a keep-alive connection pool.
+//! OCI requests to peers' registries (Happy Eyeballs over their addresses, response-head
+//! checks), sent through the daemon's one [`crate::http::Client`].
 
 use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 
 use crate::{
-    oci::{ByteRange, ContentRange, DistributionPath, Kind, MANIFEST_MEDIA_TYPES, OCTET_STREAM},
-    registry::MIRRORED_HEADER,
+    http::{Client, ClientError},
+    oci::{
+        ByteRange, ContentRange, DistributionPath, Kind, MANIFEST_MEDIA_TYPES, MIRRORED_HEADER,
+        OCTET_STREAM,
+    },
     routing::Peer,
 };
 
@@ -50,8 +49,8 @@ pub struct Fetched {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// Connecting or exchanging the request failed.
-    #[error("request failed: {0}")]
-    Http(#[from] hyper_util::client::legacy::Error),
+    #[error("{0}")]
+    Http(#[from] ClientError),
     /// The peer answered with a status other than 200 or 206.
     #[error(
         "expected one of the following statuses [200 OK, 206 Partial Content], but received {0}"
@@ -77,23 +76,16 @@ pub enum FetchError {
 /// Sends requests to peers' registries.
 #[derive(Clone)]
 pub struct PeerClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: Client,
     authorization: Option<HeaderValue>,
 }
 
 impl PeerClient {
-    /// A pooled HTTP/1.1 client; `authorization` is sent verbatim on every request.
-    pub fn new(authorization: Option<&str>) -> Result<Self, http::header::InvalidHeaderValue> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(30)));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        // Shorter than the registry's 90 s idle timeout so a pooled connection is dropped here
-        // before the peer closes it under a request in flight.
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(100)
-            .build(connector);
+    /// Requests over `http`; `authorization` is sent verbatim on every request.
+    pub fn new(
+        authorization: Option<&str>,
+        http: Client,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
         let authorization = authorization
             .map(|a| {
                 let mut v = HeaderValue::from_str(a)?;
@@ -183,7 +175,7 @@ impl PeerClient {
         let request = builder
             .body(Empty::new())
             .map_err(|e| FetchError::Invalid(format!("building request: {e}")))?;
-        let response = self.http.request(request).await?;
+        let response = self.http.send(request).await?;
         let (parts, body) = response.into_parts();
         match parts.status {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}

@@ -1,7 +1,11 @@
-//! Forwarding requests for content this node lacks to peers that advertised it.
+//! Forwarding requests for content this node lacks to peers that advertised it: provider
+//! lookup through the [`Router`], peer choice ([`PeerSelector`]), hedged races (`race`),
+//! resuming bodies (`body`), and the OCI requests to peers (`client`, over
+//! [`crate::http::Client`]). The registry sees only the [`Mirror`] trait.
 
 mod body;
 mod client;
+mod cost;
 mod hedger;
 mod race;
 mod selector;
@@ -11,20 +15,37 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use selector::{LatencySelector, Outcome, PeerSelector};
+pub use selector::{
+    LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
+};
 
 use crate::{
-    oci::{ByteRange, DistributionPath, Kind, OCTET_STREAM},
-    registry::{
-        http::{Body, Response},
-        not_found_anywhere,
+    http::{Body, Response},
+    oci::{
+        ByteRange, DistributionPath, Kind,
+        response::{ContentHead, content_response, not_found_anywhere, range_not_satisfiable},
     },
     routing::Router,
+    telemetry::{AdaptiveTimeouts, NetTelemetry, UserspaceTelemetry},
 };
 use body::ResumingBody;
 use client::{FetchSpec, PeerClient};
 use race::{Pool, RaceError, race};
+
+/// The selector for `selection`, fed by `telemetry` where it uses telemetry.
+pub fn selector_for(
+    selection: crate::telemetry::PeerSelection,
+    telemetry: Option<Arc<dyn NetTelemetry>>,
+) -> Arc<dyn PeerSelector> {
+    use crate::telemetry::PeerSelection;
+    match selection {
+        PeerSelection::Telemetry => Arc::new(TelemetrySelector::new(telemetry)),
+        PeerSelection::Latency => Arc::new(LatencySelector::new()),
+        PeerSelection::LeastUsed => Arc::new(LeastUsedSelector::new()),
+    }
+}
 
 /// A pull request the local store could not serve.
 #[derive(Debug, Clone)]
@@ -63,6 +84,11 @@ pub struct MirrorConfig {
     pub max_resumes: usize,
     /// A peer body that delivers nothing for this long counts as broken.
     pub body_stall_timeout: Duration,
+    /// Peer RTTs that stretch the resolve, race and hedge timeouts (configured values are
+    /// the floor); `None` keeps them as configured.
+    pub telemetry: Option<Arc<dyn NetTelemetry>>,
+    /// Where the peer client records its connections (connect time, `TCP_INFO`), if anywhere.
+    pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
 }
 
 impl Default for MirrorConfig {
@@ -76,6 +102,8 @@ impl Default for MirrorConfig {
             race_timeout_floor: Duration::from_millis(100),
             max_resumes: 5,
             body_stall_timeout: Duration::from_secs(30),
+            telemetry: None,
+            connection_telemetry: None,
         }
     }
 }
@@ -90,6 +118,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("race_timeout_floor", &self.race_timeout_floor)
             .field("max_resumes", &self.max_resumes)
             .field("body_stall_timeout", &self.body_stall_timeout)
+            .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
+            .field("connection_telemetry", &self.connection_telemetry.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +138,7 @@ struct Shared {
     client: PeerClient,
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
+    timeouts: AdaptiveTimeouts,
     config: MirrorConfig,
 }
 
@@ -118,15 +149,29 @@ pub struct PeerMirror {
 }
 
 impl PeerMirror {
-    /// A mirror looking providers up in `router`.
+    /// A mirror looking providers up in `router`, with its own pooled HTTP client.
     pub fn new(router: Arc<dyn Router>, config: MirrorConfig) -> Result<Self, MirrorError> {
-        let client = PeerClient::new(config.basic_auth_header.as_deref())?;
+        let http_client = crate::http::Client::with_telemetry(
+            Default::default(),
+            config.connection_telemetry.clone(),
+        );
+        Self::with_client(router, config, http_client)
+    }
+
+    /// A mirror sending its peer requests through `http_client`.
+    pub fn with_client(
+        router: Arc<dyn Router>,
+        config: MirrorConfig,
+        http_client: crate::http::Client,
+    ) -> Result<Self, MirrorError> {
+        let client = PeerClient::new(config.basic_auth_header.as_deref(), http_client)?;
         Ok(PeerMirror {
             shared: Arc::new(Shared {
                 router,
                 client,
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
+                timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
                 config,
             }),
         })
@@ -135,6 +180,11 @@ impl PeerMirror {
     /// The hedge timing shared by this mirror's forwards.
     pub fn hedger(&self) -> &Hedger {
         &self.shared.hedger
+    }
+
+    /// The selector ordering this mirror's providers (for metrics of what it measured).
+    pub fn selector(&self) -> &Arc<dyn PeerSelector> {
+        &self.shared.selector
     }
 
     async fn forward_inner(
@@ -184,42 +234,22 @@ impl PeerMirror {
                         attempts,
                         "waited too long for inflight dials to complete for",
                     ),
-                    RaceError::Unsatisfiable { size } => {
-                        Response::empty(416).header("Content-Range", format!("bytes */{size}"))
-                    }
+                    RaceError::Unsatisfiable { size } => range_not_satisfiable(size),
                 };
             }
         };
         let fetched = &winner.fetched;
-        let mut response = Response::empty(200);
-        let (start, len) = match kind {
-            Kind::Manifest => {
-                response = response
-                    .header("Content-Type", fetched.media_type.clone())
-                    .header("Content-Length", fetched.size.to_string());
-                (0, fetched.size)
-            }
-            Kind::Blob => {
-                response = response.header("Accept-Ranges", "bytes");
-                match fetched.range {
-                    Some(cr) => {
-                        response.status = 206;
-                        response = response
-                            .header("Content-Type", OCTET_STREAM)
-                            .header("Content-Range", cr.to_string())
-                            .header("Content-Length", cr.len().to_string());
-                        (cr.start, cr.len())
-                    }
-                    None => {
-                        response = response
-                            .header("Content-Type", fetched.media_type.clone())
-                            .header("Content-Length", fetched.size.to_string());
-                        (0, fetched.size)
-                    }
-                }
-            }
-        };
-        response = response.header("Docker-Content-Digest", fetched.digest.clone());
+        // Manifests are never asked for by range, so only a blob carries one.
+        let range = fetched.range.filter(|_| kind == Kind::Blob);
+        let (start, len) = range.map_or((0, fetched.size), |cr| (cr.start, cr.len()));
+        let response = content_response(ContentHead {
+            kind,
+            media_type: &fetched.media_type,
+            size: fetched.size,
+            digest: &fetched.digest,
+            namespace: &request.path.reference.registry,
+            range,
+        });
         debug!(peer = %winner.peer.id, status = response.status, len, "forwarding peer response");
         if head || len == 0 {
             return response;

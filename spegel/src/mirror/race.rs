@@ -17,7 +17,10 @@ use super::{
     client::{FetchError, FetchSpec, Fetched},
     selector::{Outcome, PeerSelector},
 };
-use crate::routing::Peer;
+use crate::{
+    oci::{ByteRange, Kind},
+    routing::Peer,
+};
 
 /// Timer-triggered extra fetches per race; failures trigger further fetches on their own.
 const MAX_HEDGES: usize = 3;
@@ -59,6 +62,8 @@ pub struct Pool {
     key: Arc<str>,
     lookup: Option<mpsc::Receiver<Peer>>,
     started: Instant,
+    /// Whether `spegel_resolve_duration_seconds` has been observed for this lookup.
+    resolved: bool,
     known: Vec<Known>,
 }
 
@@ -69,6 +74,7 @@ impl Pool {
             key,
             lookup: Some(lookup),
             started: Instant::now(),
+            resolved: false,
             known: Vec::new(),
         }
     }
@@ -79,10 +85,14 @@ impl Pool {
     }
 
     fn add(&mut self, peer: Peer) {
-        crate::metrics::global()
-            .resolve_duration
-            .with_label_values(&["libp2p"])
-            .observe(self.started.elapsed().as_secs_f64());
+        // Once per lookup: the time until the first provider was known.
+        if !self.resolved {
+            self.resolved = true;
+            crate::metrics::global()
+                .resolve_duration
+                .with_label_values(&["libp2p"])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
         if self.known.iter().any(|k| k.peer.id == peer.id) {
             return;
         }
@@ -120,8 +130,13 @@ impl Pool {
         }
     }
 
-    /// The best provider not yet asked in this race.
-    fn best(&self, selector: &dyn PeerSelector, asked: &HashSet<String>) -> Option<Peer> {
+    /// The best provider not yet asked in this race, for a request moving `bytes` of body.
+    fn best(
+        &self,
+        selector: &dyn PeerSelector,
+        bytes: Option<u64>,
+        asked: &HashSet<String>,
+    ) -> Option<Peer> {
         let usable = |k: &&Known| !k.failed && !asked.contains(&k.peer.id);
         let least_broken = self.known.iter().filter(usable).map(|k| k.broken).min()?;
         let mut candidates: Vec<Peer> = self
@@ -131,7 +146,7 @@ impl Pool {
             .filter(|k| k.broken == least_broken)
             .map(|k| k.peer.clone())
             .collect();
-        selector.order(&self.key, &mut candidates);
+        selector.order_for(&self.key, bytes, &mut candidates);
         candidates.into_iter().next()
     }
 }
@@ -177,6 +192,20 @@ pub enum RaceError {
     },
 }
 
+/// Body bytes a fetch of `spec` is expected to move; `None` for a blob of unknown size.
+fn expected_bytes(spec: &FetchSpec) -> Option<u64> {
+    match (spec.head, spec.path.kind, spec.range) {
+        (true, _, _) => Some(0),
+        // Manifests are small: their cost is the round trips.
+        (false, Kind::Manifest, _) => Some(0),
+        (false, Kind::Blob, Some(ByteRange::FromTo(start, end))) => {
+            Some(end.saturating_sub(start).saturating_add(1))
+        }
+        (false, Kind::Blob, Some(ByteRange::Suffix(n))) => Some(n),
+        (false, Kind::Blob, _) => None,
+    }
+}
+
 /// The first successful fetch of a race.
 pub struct Winner {
     /// The provider that answered.
@@ -201,18 +230,25 @@ pub async fn race(shared: &Shared, pool: &mut Pool, spec: &FetchSpec) -> Result<
     let mut hedges_left = MAX_HEDGES;
     let mut next_hedge: Option<tokio::time::Instant> = None;
     let mut deadline: Option<tokio::time::Instant> = None;
+    let bytes = expected_bytes(spec);
+    let resolve_timeout = shared
+        .timeouts
+        .resolve_timeout(shared.config.resolve_timeout);
     loop {
         while wanted > 0 || inflight.is_empty() {
-            let Some(peer) = pool.best(shared.selector.as_ref(), &asked) else {
+            let Some(peer) = pool.best(shared.selector.as_ref(), bytes, &asked) else {
                 break;
             };
             wanted = wanted.saturating_sub(1);
             asked.insert(peer.id.clone());
             attempts += 1;
             let now = tokio::time::Instant::now();
-            deadline
-                .get_or_insert(now + shared.hedger.race_timeout(shared.config.race_timeout_floor));
-            next_hedge = (hedges_left > 0).then(|| now + shared.hedger.hedge_delay());
+            deadline.get_or_insert_with(|| {
+                let floor = shared.timeouts.race_floor(shared.config.race_timeout_floor);
+                now + shared.hedger.race_timeout(floor)
+            });
+            next_hedge = (hedges_left > 0)
+                .then(|| now + shared.timeouts.hedge_delay(shared.hedger.hedge_delay()));
             inflight.push(start_fetch(shared, pool.key.clone(), peer, spec.clone()));
         }
         if inflight.is_empty() && pool.lookup_done() {
@@ -253,7 +289,7 @@ pub async fn race(shared: &Shared, pool: &mut Pool, spec: &FetchSpec) -> Result<
                 wanted += 1;
             }
             _ = sleep_until_opt(deadline), if busy => return Err(RaceError::Timeout { attempts }),
-            _ = tokio::time::sleep(shared.config.resolve_timeout), if !busy => {
+            _ = tokio::time::sleep(resolve_timeout), if !busy => {
                 return Err(RaceError::Idle { attempts });
             }
         }

@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -21,7 +22,8 @@ pub enum Outcome {
 }
 
 /// Decides the order in which providers are tried; the one seam for peer preference.
-pub trait PeerSelector: Send + Sync + 'static {
+/// Every selector also reports what it knows per peer ([`SelectorStats`]) for the admin pages.
+pub trait PeerSelector: SelectorStats + Send + Sync + 'static {
     /// Sorts the candidate providers of `key`, best first.
     fn order(&self, key: &str, peers: &mut [Peer]);
     /// A fetch of `key` from `peer` starts; it is in flight until [`PeerSelector::finish`].
@@ -30,6 +32,21 @@ pub trait PeerSelector: Send + Sync + 'static {
     fn finish(&self, key: &str, peer: &Peer);
     /// Records what a fetch from `peer` showed.
     fn observe(&self, peer: &Peer, outcome: Outcome);
+    /// Sorts like [`PeerSelector::order`] for a request expected to move `bytes` of body
+    /// (`None`: a blob of unknown size), for selectors that weigh transfer time.
+    fn order_for(&self, key: &str, bytes: Option<u64>, peers: &mut [Peer]) {
+        let _ = bytes;
+        self.order(key, peers);
+    }
+    /// A body read from `peer` delivered `bytes` over `elapsed`.
+    fn observe_transfer(&self, peer: &Peer, bytes: u64, elapsed: Duration) {
+        let _ = (peer, bytes, elapsed);
+    }
+    /// Recent transfer throughput from address `ip` in bytes per second, if measured.
+    fn throughput(&self, ip: IpAddr) -> Option<f64> {
+        let _ = ip;
+        None
+    }
 }
 
 /// Weight of one recent failure, expressed as extra latency.
@@ -85,12 +102,70 @@ impl LatencySelector {
     }
 
     /// Fetches of `key` from `peer` currently in flight.
+    #[cfg(test)]
     pub fn inflight(&self, key: &str, peer: &Peer) -> usize {
         self.lock()
             .inflight
             .get(&(key.to_string(), peer.id.clone()))
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// What a selector knows of one peer, for the admin pages.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerStat {
+    /// Peer ID.
+    pub id: String,
+    /// Moving average of response-header latency, once measured.
+    pub latency_ms: Option<f64>,
+    /// Recent failures, decayed (1.0 = one failure just now).
+    pub penalty: f64,
+    /// Fetches from this peer in flight, over all keys.
+    pub inflight: usize,
+    /// Kernel or socket round-trip time to the peer, when telemetry knows it.
+    pub rtt_ms: Option<f64>,
+    /// Recent blob transfer throughput from the peer, once measured.
+    pub throughput_bytes_per_second: Option<f64>,
+}
+
+/// Read-only view of a selector's per-peer statistics.
+pub trait SelectorStats: Send + Sync + 'static {
+    /// One entry per known peer, sorted by ID.
+    fn peer_stats(&self) -> Vec<PeerStat>;
+}
+
+impl SelectorStats for LatencySelector {
+    fn peer_stats(&self) -> Vec<PeerStat> {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut inflight: HashMap<&str, usize> = HashMap::new();
+        for ((_, peer), n) in &state.inflight {
+            *inflight.entry(peer.as_str()).or_default() += n;
+        }
+        let mut ids: Vec<&String> = state.peers.keys().collect();
+        ids.extend(
+            state
+                .inflight
+                .keys()
+                .map(|(_, p)| p)
+                .filter(|p| !state.peers.contains_key(*p)),
+        );
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                let stats = state.peers.get(id);
+                PeerStat {
+                    id: id.clone(),
+                    latency_ms: stats.and_then(|s| s.latency_ms),
+                    penalty: stats.map_or(0.0, |s| s.decayed_penalty(now)),
+                    inflight: inflight.get(id.as_str()).copied().unwrap_or(0),
+                    rtt_ms: None,
+                    throughput_bytes_per_second: None,
+                }
+            })
+            .collect()
     }
 }
 
@@ -172,6 +247,64 @@ impl PeerSelector for LatencySelector {
     }
 }
 
+/// The original Spegel's order: least used provider first, round robin, blind to speed.
+///
+/// For comparisons (`--peer-selection=least-used`); a use is a fetch started.
+#[derive(Default)]
+pub struct LeastUsedSelector {
+    uses: Mutex<HashMap<String, u64>>,
+}
+
+impl LeastUsedSelector {
+    /// A selector with nothing used yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl SelectorStats for LeastUsedSelector {
+    fn peer_stats(&self) -> Vec<PeerStat> {
+        let uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats: Vec<PeerStat> = uses
+            .keys()
+            .map(|id| PeerStat {
+                id: id.clone(),
+                latency_ms: None,
+                penalty: 0.0,
+                inflight: 0,
+                rtt_ms: None,
+                throughput_bytes_per_second: None,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.id.cmp(&b.id));
+        stats
+    }
+}
+
+impl PeerSelector for LeastUsedSelector {
+    fn order(&self, _key: &str, peers: &mut [Peer]) {
+        let uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        peers.sort_by(|a, b| {
+            let ua = uses.get(&a.id).copied().unwrap_or(0);
+            let ub = uses.get(&b.id).copied().unwrap_or(0);
+            ua.cmp(&ub).then_with(|| a.id.cmp(&b.id))
+        });
+    }
+
+    fn begin(&self, _key: &str, peer: &Peer) {
+        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        if !uses.contains_key(&peer.id) && uses.len() >= MAX_PEERS {
+            // Forgetting everyone restarts the rotation; bounded memory matters more.
+            uses.clear();
+        }
+        *uses.entry(peer.id.clone()).or_insert(0) += 1;
+    }
+
+    fn finish(&self, _key: &str, _peer: &Peer) {}
+
+    fn observe(&self, _peer: &Peer, _outcome: Outcome) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,9 +347,28 @@ mod tests {
         // Other keys are not affected by in-flight fetches of "k".
         s.order("other", &mut peers);
         assert_eq!(ids(&peers), ["a", "b"]);
+        let stats = s.peer_stats();
+        assert_eq!(stats.len(), 2);
+        assert_eq!((stats[0].id.as_str(), stats[0].inflight), ("a", 1));
+        assert!(stats[0].latency_ms.is_some_and(|l| (l - 1.0).abs() < 1e-6));
+        assert_eq!((stats[1].id.as_str(), stats[1].inflight), ("b", 0));
         s.finish("k", &a);
         assert_eq!(s.inflight("k", &a), 0);
         s.order("k", &mut peers);
         assert_eq!(ids(&peers), ["a", "b"]);
+    }
+
+    #[test]
+    fn least_used_rotates() {
+        let s = LeastUsedSelector::new();
+        let mut firsts = Vec::new();
+        for _ in 0..6 {
+            let mut peers = vec![peer("c"), peer("a"), peer("b")];
+            s.order_for("k", Some(1 << 20), &mut peers);
+            s.begin("k", &peers[0]);
+            s.finish("k", &peers[0]);
+            firsts.push(peers[0].id.clone());
+        }
+        assert_eq!(firsts, ["a", "b", "c", "a", "b", "c"]);
     }
 }

@@ -1,250 +1,292 @@
-//! The OCI registry HTTP server: pull-only, HTTP/1.1 keep-alive, blob bodies by `sendfile(2)`.
-//!
-//! Each connection is one task that owns its `TcpStream`: request heads are parsed with
-//! `httparse`, responses are written directly, and file bodies go from the page cache to the
-//! socket with `sendfile(2)` under `TCP_CORK`, so no blob byte passes through userspace.
+//! The OCI registry handler (pull-only): request routing, auth, filters, and the local
+//! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
+//! is given; the HTTP server around it is [`crate::http`].
 
-mod filter;
-mod handler;
-pub mod http;
-mod sendfile;
+use std::sync::Arc;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tracing::{debug, warn};
 
-use bytes::BytesMut;
-use futures::StreamExt;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-    sync::watch,
+use crate::{
+    auth::BasicAuth,
+    http::{Body, Handler, Request, Response},
+    metrics,
+    mirror::{Mirror, MirrorRequest},
+    oci::{
+        ByteRange, ContentRange, Digest, DistributionPath, ErrorCode, Filters, Kind,
+        MIRRORED_HEADER, OciError, is_manifest_media_type,
+        response::{
+            ContentHead, content_response, not_found_anywhere, oci_error, range_not_satisfiable,
+        },
+    },
+    store::{Content, Descriptor, Store},
 };
-use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use filter::{FilterError, Filters};
-pub use handler::{MIRRORED_HEADER, Registry, handler_label, not_found_anywhere, oci_error};
-pub use sendfile::sendfile_all;
-
-use http::{Body, ReadError, Response};
-
-/// Connection timeouts.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Idle time allowed between requests on a keep-alive connection.
-    pub idle: Duration,
-    /// Time allowed to receive a complete request head once it started.
-    pub head: Duration,
-    /// Time a client may accept no bytes before the response is abandoned.
-    pub write_stall: Duration,
+/// Everything a request handler needs.
+pub struct Registry {
+    /// The node's content.
+    pub store: Arc<dyn Store>,
+    /// Mirrored-registry whitelist and regex filters.
+    pub filters: Filters,
+    /// Peer forwarding; `None` answers every miss with 404.
+    pub mirror: Option<Arc<dyn Mirror>>,
+    /// Optional basic auth for `/v2/`.
+    pub auth: Option<BasicAuth>,
+    /// Readiness for `/readyz`.
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            idle: Duration::from_secs(90),
-            head: Duration::from_secs(30),
-            write_stall: Duration::from_secs(60),
-        }
+/// Metrics label for a request path.
+pub fn handler_label(path: &str) -> &'static str {
+    match path {
+        "/readyz" => "/readyz",
+        "/livez" => "/livez",
+        p if p.starts_with("/v2") => "/v2/*",
+        _ => "other",
     }
 }
 
-/// Turns a request into a response; implemented by the registry and the metrics endpoint.
-#[async_trait::async_trait]
-pub trait Handler: Send + Sync + 'static {
-    /// Handles one request.
-    async fn handle(&self, req: &http::Request) -> Response;
+/// Why requested content is not in the local store.
+enum Missing {
+    /// A tag that names no image here.
+    Tag,
+    /// A digest (given or resolved from the tag) without content here.
+    Digest(Digest),
 }
 
 #[async_trait::async_trait]
 impl Handler for Registry {
-    async fn handle(&self, req: &http::Request) -> Response {
+    async fn handle(&self, req: &Request) -> Response {
         Registry::handle(self, req).await
     }
-}
 
-/// Accepts connections until `shutdown` turns true, then waits for in-flight requests.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Arc<dyn Handler>,
-    timeouts: Timeouts,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let local = listener.local_addr()?;
-    info!(addr = %local, "listening");
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning, never exit.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let registry = registry.clone();
-                let shutdown = shutdown.clone();
-                tasks.spawn(
-                    connection(stream, peer, registry, timeouts, shutdown)
-                        .instrument(info_span!("conn", %peer)),
-                );
-            }
-            _ = shutdown.changed() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
+    fn label(&self, req: &Request) -> &'static str {
+        handler_label(&req.path)
     }
-    drop(listener);
-    while tasks.join_next().await.is_some() {}
-    Ok(())
+
+    fn log_served(&self, label: &'static str) -> bool {
+        label == "/v2/*"
+    }
 }
 
-async fn connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    registry: Arc<dyn Handler>,
-    timeouts: Timeouts,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        let req = tokio::select! {
-            r = http::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
-            _ = shutdown.changed() => return,
-        };
-        let req = match req {
-            Ok(r) => r,
-            Err(ReadError::Closed) => return,
+impl Registry {
+    /// Handles one request.
+    pub async fn handle(&self, req: &Request) -> Response {
+        let head = req.is_head();
+        if req.method != "GET" && !head {
+            return Response::empty(404);
+        }
+        match req.path.as_str() {
+            "/readyz" => return Response::empty(if (self.ready)() { 200 } else { 500 }),
+            "/livez" => return Response::empty(200),
+            "/v2" => return Response::empty(301).header("Location", "/v2/"),
+            p if p.starts_with("/v2/") => {}
+            _ => return Response::empty(404),
+        }
+        if let Some(auth) = &self.auth
+            && !auth.verify(req.header("authorization"))
+        {
+            return oci_error(
+                401,
+                OciError::new(ErrorCode::Unauthorized, "invalid credentials"),
+                head,
+            );
+        }
+        if req.path == "/v2/" {
+            return Response::empty(200);
+        }
+        let path = match DistributionPath::parse(&req.path, req.query.as_deref()) {
+            Ok(p) => p,
             Err(e) => {
-                debug!(error = %e, "bad request");
-                let status = match e {
-                    ReadError::TooLarge => 431,
-                    ReadError::Timeout => 408,
-                    _ => 400,
-                };
-                let _ =
-                    write_response(&mut stream, Response::empty(status), false, false, timeouts)
-                        .await;
-                return;
+                debug!(path = %req.path, error = %e, "unparsable registry path");
+                return Response::empty(404);
             }
         };
-        // Request bodies are never read, so the connection cannot be reused after one.
-        let keep_alive = req.keep_alive && !req.has_body && !*shutdown.borrow();
-        let label = handler_label(&req.path);
-        let metrics = crate::metrics::global();
-        let inflight = metrics.http_requests_inflight.with_label_values(&[label]);
-        inflight.inc();
-        let started = std::time::Instant::now();
-        let span = info_span!("request", method = %req.method, path = %req.path, %peer);
-        let response = registry.handle(&req).instrument(span.clone()).await;
-        let status = response.status;
-        let size = if req.is_head() {
-            0
-        } else {
-            response.body.len()
-        };
-        let result = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
-            .instrument(span.clone())
-            .await;
-        inflight.dec();
-        let code = status.to_string();
-        let elapsed = started.elapsed();
-        metrics
-            .http_request_duration
-            .with_label_values(&[label, &req.method, &code])
-            .observe(elapsed.as_secs_f64());
-        metrics
-            .http_response_size
-            .with_label_values(&[label, &req.method, &code])
-            .observe(size as f64);
-        if label == "/v2/*" {
-            span.in_scope(|| {
-                debug!(
-                    status,
-                    bytes = size,
-                    latency_ms = elapsed.as_millis() as u64,
-                    "request served"
-                )
-            });
+        if self.filters.is_filtered(&path.reference) {
+            return Response::empty(404);
         }
-        if let Err(e) = result {
-            span.in_scope(|| debug!(error = %e, "writing response failed"));
-            return;
-        }
-        if !keep_alive {
-            let _ = stream.shutdown().await;
-            return;
-        }
-    }
-}
-
-async fn write_response(
-    stream: &mut TcpStream,
-    response: Response,
-    head_only: bool,
-    keep_alive: bool,
-    timeouts: Timeouts,
-) -> std::io::Result<()> {
-    let head = response.head_bytes(keep_alive);
-    let stall = timeouts.write_stall;
-    if head_only {
-        return timed(stall, stream.write_all(&head)).await;
-    }
-    match response.body {
-        Body::Empty => timed(stall, stream.write_all(&head)).await,
-        Body::Bytes(bytes) => {
-            let mut out = Vec::with_capacity(head.len() + bytes.len());
-            out.extend_from_slice(&head);
-            out.extend_from_slice(&bytes);
-            timed(stall, stream.write_all(&out)).await
-        }
-        Body::File { file, offset, len } => {
-            // Cork so the head and the first body bytes share packets; uncork flushes the tail.
-            let corked = sendfile::set_cork(stream, true).is_ok();
-            let result = async {
-                timed(stall, stream.write_all(&head)).await?;
-                sendfile_all(stream, &file, offset, len, stall).await
-            }
-            .await;
-            if corked {
-                let _ = sendfile::set_cork(stream, false);
-            }
-            result
-        }
-        Body::Stream {
-            stream: mut body,
-            len,
-        } => {
-            timed(stall, stream.write_all(&head)).await?;
-            let mut sent = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                let take = chunk.len().min((len - sent) as usize);
-                timed(stall, stream.write_all(&chunk[..take])).await?;
-                sent += take as u64;
-                if sent == len {
-                    break;
+        let range = match (path.kind, req.header("range")) {
+            (Kind::Blob, Some(h)) => match h.parse::<ByteRange>() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    debug!(range = h, error = %e, "unsupported range");
+                    return Response::empty(416);
                 }
-            }
-            if sent < len {
-                // The promised length cannot be met: closing tells the client the body is short.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "body stream ended early",
-                ));
-            }
-            Ok(())
+            },
+            _ => None,
+        };
+        let from_peer = req.header(MIRRORED_HEADER) == Some("true");
+        // One store lookup per request; the descriptor found is what the response describes.
+        let found = self.locate(&path).await;
+        if !from_peer && found.is_err() {
+            return self.forward(MirrorRequest { path, head, range }).await;
+        }
+        match path.kind {
+            Kind::Manifest => self.manifest(&path, found, head).await,
+            Kind::Blob => self.blob(&path, found, head, range).await,
         }
     }
-}
 
-/// Bounds a socket write so a client that stops reading cannot pin the task forever.
-async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
-    stall: Duration,
-    fut: F,
-) -> std::io::Result<()> {
-    tokio::time::timeout(stall, fut)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading"))?
+    /// Resolves the tag (if any) and looks the digest up, once.
+    async fn locate(&self, path: &DistributionPath) -> Result<Descriptor, Missing> {
+        let digest = match &path.reference.digest {
+            Some(d) => d.clone(),
+            None => self
+                .store
+                .resolve(&path.reference.identifier())
+                .await
+                .map_err(|_| Missing::Tag)?,
+        };
+        self.store
+            .descriptor(&digest)
+            .await
+            .map_err(|_| Missing::Digest(digest))
+    }
+
+    async fn forward(&self, request: MirrorRequest) -> Response {
+        let registry = request.path.reference.registry.clone();
+        let response = match &self.mirror {
+            Some(mirror) => mirror.forward(request).await,
+            None => not_found_anywhere(
+                request.path.kind,
+                &request.path.reference.identifier(),
+                0,
+                "could not find peer for",
+                request.head,
+            ),
+        };
+        let m = metrics::global();
+        let cache = if matches!(response.status, 200 | 206) {
+            "hit"
+        } else {
+            "miss"
+        };
+        m.mirror_requests_total
+            .with_label_values(&[registry.as_str(), cache])
+            .inc();
+        if cache == "hit" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            m.mirror_last_success.set(now.as_secs_f64());
+        }
+        response
+    }
+
+    async fn manifest(
+        &self,
+        path: &DistributionPath,
+        found: Result<Descriptor, Missing>,
+        head: bool,
+    ) -> Response {
+        let unknown =
+            |msg: String| oci_error(404, OciError::new(ErrorCode::ManifestUnknown, msg), head);
+        let desc = match found {
+            Ok(d) if is_manifest_media_type(&d.media_type) => d,
+            Ok(d) => return unknown(format!("could not get manifest {}", d.digest)),
+            Err(Missing::Digest(digest)) => {
+                return unknown(format!("could not get manifest {digest}"));
+            }
+            Err(Missing::Tag) => {
+                let id = path.reference.identifier();
+                return unknown(format!("could not get digest for image tag {id}"));
+            }
+        };
+        let digest = desc.digest.to_string();
+        let response = content_response(ContentHead {
+            kind: Kind::Manifest,
+            media_type: &desc.media_type,
+            size: desc.size,
+            digest: &digest,
+            namespace: &path.reference.registry,
+            range: None,
+        });
+        if head {
+            return response;
+        }
+        match self.body(&desc, None).await {
+            Ok(body) => response.body(body),
+            Err(e) => {
+                warn!(%digest, error = %e, "could not open manifest");
+                unknown(format!("could not get manifest {digest}"))
+            }
+        }
+    }
+
+    async fn blob(
+        &self,
+        path: &DistributionPath,
+        found: Result<Descriptor, Missing>,
+        head: bool,
+        range: Option<ByteRange>,
+    ) -> Response {
+        let Some(digest) = &path.reference.digest else {
+            return Response::empty(404);
+        };
+        let unknown = || {
+            oci_error(
+                404,
+                OciError::new(
+                    ErrorCode::BlobUnknown,
+                    format!("could not get blob {digest}"),
+                ),
+                head,
+            )
+        };
+        let desc = match found {
+            Ok(d) if !is_manifest_media_type(&d.media_type) => d,
+            _ => return unknown(),
+        };
+        let content_range = match range.map(|r| r.resolve(desc.size)).transpose() {
+            Ok(cr) => cr,
+            Err(_) => return range_not_satisfiable(desc.size),
+        };
+        let response = content_response(ContentHead {
+            kind: Kind::Blob,
+            media_type: &desc.media_type,
+            size: desc.size,
+            digest: &digest.to_string(),
+            namespace: &path.reference.registry,
+            range: content_range,
+        });
+        if head {
+            return response;
+        }
+        match self.body(&desc, content_range).await {
+            Ok(body) => response.body(body),
+            Err(e) => {
+                warn!(%digest, error = %e, "could not open blob");
+                unknown()
+            }
+        }
+    }
+
+    /// The body for `range` (or everything) of the content `desc` describes.
+    async fn body(
+        &self,
+        desc: &Descriptor,
+        range: Option<ContentRange>,
+    ) -> Result<Body, crate::store::StoreError> {
+        let (digest, size) = (&desc.digest, desc.size);
+        let (offset, len) = range.map(|r| (r.start, r.len())).unwrap_or((0, size));
+        Ok(match self.store.open(digest, range).await? {
+            Content::File(file) => {
+                let actual = file.metadata()?.len();
+                if actual != size {
+                    return Err(crate::store::StoreError::Invalid(format!(
+                        "{digest}: file has {actual} bytes, containerd says {size}"
+                    )));
+                }
+                Body::File { file, offset, len }
+            }
+            Content::Bytes(bytes) => {
+                if bytes.len() as u64 != size {
+                    return Err(crate::store::StoreError::Invalid(format!(
+                        "{digest}: size mismatch"
+                    )));
+                }
+                Body::Bytes(bytes.slice(offset as usize..(offset + len) as usize))
+            }
+            Content::Stream(stream) => Body::Stream { stream, len },
+        })
+    }
 }

@@ -3,19 +3,9 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use libp2p::{Multiaddr, multiaddr::Protocol};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 use super::RoutingError;
-use crate::{
-    config::{BootstrapKind, RegistryArgs},
-    registry::{
-        Handler,
-        http::{Body, Request, Response},
-    },
-};
+use crate::http::{Body, Client, ClientConfig, Handler, Request, Response};
 
 /// How many addresses DNS and HTTP bootstrap use, like the original.
 const MAX_BOOTSTRAP_PEERS: usize = 3;
@@ -40,68 +30,6 @@ pub enum Bootstrapper {
 }
 
 impl Bootstrapper {
-    /// Builds the bootstrapper the flags ask for; `None` for a lone node.
-    pub fn from_args(
-        args: &RegistryArgs,
-        router_port: u16,
-    ) -> Result<Option<Bootstrapper>, RoutingError> {
-        let bad = |m: String| RoutingError::Bootstrap(m);
-        let Some(kind) = args.bootstrap_kind else {
-            return Ok(None);
-        };
-        Ok(Some(match kind {
-            BootstrapKind::Static => {
-                if args.static_bootstrap_peers.is_empty() {
-                    return Err(bad(
-                        "--static-bootstrap-peers is required with --bootstrap-kind=static".into(),
-                    ));
-                }
-                let addrs = args
-                    .static_bootstrap_peers
-                    .iter()
-                    .map(|a| {
-                        a.parse::<Multiaddr>()
-                            .map_err(|e| bad(format!("invalid multiaddr {a:?}: {e}")))
-                    })
-                    .collect::<Result<_, _>>()?;
-                Bootstrapper::Static(addrs)
-            }
-            BootstrapKind::Dns => {
-                if args.dns_bootstrap_domain.is_empty() {
-                    return Err(bad(
-                        "--dns-bootstrap-domain is required with --bootstrap-kind=dns".into(),
-                    ));
-                }
-                Bootstrapper::Dns {
-                    domain: args.dns_bootstrap_domain.trim_end_matches('.').to_string(),
-                    port: router_port,
-                }
-            }
-            BootstrapKind::Http => {
-                if args.http_bootstrap_url.is_empty() {
-                    return Err(bad(
-                        "--http-bootstrap-url is required with --bootstrap-kind=http".into(),
-                    ));
-                }
-                if !args.http_bootstrap_url.starts_with("http://") {
-                    return Err(bad(format!(
-                        "only http:// bootstrap URLs are supported, not {:?}",
-                        args.http_bootstrap_url
-                    )));
-                }
-                if !args.http_bootstrap_cert_dir.is_empty() {
-                    return Err(bad(
-                        "--http-bootstrap-cert-dir needs an https URL, which is not supported"
-                            .into(),
-                    ));
-                }
-                Bootstrapper::Http {
-                    url: args.http_bootstrap_url.clone(),
-                }
-            }
-        }))
-    }
-
     /// The addresses to dial now.
     pub async fn addrs(&self) -> Result<Vec<Multiaddr>, RoutingError> {
         match self {
@@ -142,45 +70,19 @@ struct AddrInfo {
 
 async fn http_peers(url: &str) -> Result<Vec<Multiaddr>, RoutingError> {
     let bad = |m: String| RoutingError::Bootstrap(m);
-    let parsed = url::Url::parse(url).map_err(|e| bad(format!("invalid URL {url:?}: {e}")))?;
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| bad(format!("URL {url:?} has no host")))?
-        .to_string();
-    let port = parsed.port_or_known_default().unwrap_or(80);
-    let target = match parsed.query() {
-        Some(q) => format!("{}?{q}", parsed.path()),
-        None => parsed.path().to_string(),
-    };
-    let fetch = async {
-        let mut stream = TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
-        stream
-            .write_all(
-                format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut buf = Vec::new();
-        stream.take(1 << 20).read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), fetch)
+    let client = Client::new(ClientConfig {
+        pool_max_idle_per_host: 0,
+        ..ClientConfig::default()
+    });
+    let (status, body) = client
+        .fetch(::http::Method::GET, url, Duration::from_secs(10), 1 << 20)
         .await
-        .map_err(|_| bad(format!("GET {url} timed out")))?
         .map_err(|e| bad(format!("GET {url}: {e}")))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad(format!("GET {url}: malformed response")))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(bad(format!(
-            "GET {url}: {}",
-            head.lines().next().unwrap_or_default()
-        )));
+    if status != ::http::StatusCode::OK {
+        return Err(bad(format!("GET {url}: {status}")));
     }
-    let infos: Vec<AddrInfo> = serde_json::from_slice(&raw[split + 4..])
-        .map_err(|e| bad(format!("GET {url}: invalid JSON: {e}")))?;
+    let infos: Vec<AddrInfo> =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("GET {url}: invalid JSON: {e}")))?;
     let mut out = Vec::new();
     for info in infos.into_iter().take(MAX_BOOTSTRAP_PEERS) {
         for a in info.addrs {
@@ -223,7 +125,7 @@ pub async fn serve_http_bootstrap(
     info: Arc<dyn Fn() -> (String, Vec<String>) + Send + Sync>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    crate::registry::serve(
+    crate::http::serve(
         listener,
         Arc::new(HttpBootstrapHandler { info }),
         Default::default(),

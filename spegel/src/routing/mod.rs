@@ -1,15 +1,16 @@
-//! Content routing: who in the cluster can serve a digest or tag.
+//! Content routing: who in the cluster can serve a digest or tag. [`Router`] is the seam the
+//! advertiser and the mirror use; [`P2pRouter`] implements it over a Kademlia DHT (`p2p`),
+//! finding first peers through [`Bootstrapper`] (`bootstrap`, which also serves `/id`).
+//! [`RouterView`] is the read-only membership snapshot for `/id` and the admin pages.
 
 mod bootstrap;
 mod identity;
-mod memory;
 mod p2p;
 
 use async_trait::async_trait;
 
 pub use bootstrap::{Bootstrapper, serve_http_bootstrap};
 pub use identity::load_or_create_identity;
-pub use memory::MemoryRouter;
 pub use p2p::{P2pConfig, P2pRouter, RouterStats};
 
 /// A peer that advertised a key, with the addresses of its registry.
@@ -58,6 +59,16 @@ pub trait Router: Send + Sync + 'static {
         key: &str,
         count: usize,
     ) -> Result<tokio::sync::mpsc::Receiver<Peer>, RoutingError>;
+}
+
+/// Read-only snapshot of the router's membership.
+pub trait RouterView: Send + Sync + 'static {
+    /// This node's peer ID.
+    fn local_peer_id(&self) -> String;
+    /// Addresses this node's router listens on.
+    fn listen_addrs(&self) -> Vec<String>;
+    /// Connected peers and their addresses.
+    fn peers(&self) -> Vec<(String, Vec<String>)>;
 }
 
 /// The DHT key of a routing key string: the sha2-256 multihash of its UTF-8 bytes, as the

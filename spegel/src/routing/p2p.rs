@@ -29,8 +29,9 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Bootstrapper, Peer, Router, RoutingError, load_or_create_identity, multihash_key};
-use crate::metrics;
+use super::{
+    Bootstrapper, Peer, Router, RouterView, RoutingError, load_or_create_identity, multihash_key,
+};
 
 /// Kademlia protocol shared by every spegel node (a private DHT, never the IPFS one).
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
@@ -131,9 +132,8 @@ pub struct RouterStats {
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
     let bad = || RoutingError::Setup(format!("invalid router address {router_addr:?}"));
-    let (host, port) = router_addr.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_matches(['[', ']']);
+    let (host, port) =
+        crate::net::split_host_port(router_addr).map_err(|e| RoutingError::Setup(e.to_string()))?;
     if host.is_empty() {
         return Ok(vec![
             Multiaddr::from(IpAddr::from([0u8, 0, 0, 0])).with(Protocol::Tcp(port)),
@@ -344,6 +344,18 @@ impl P2pRouter {
     }
 }
 
+impl RouterView for P2pRouter {
+    fn local_peer_id(&self) -> String {
+        P2pRouter::local_peer_id(self)
+    }
+    fn listen_addrs(&self) -> Vec<String> {
+        P2pRouter::listen_addrs(self)
+    }
+    fn peers(&self) -> Vec<(String, Vec<String>)> {
+        P2pRouter::peers(self)
+    }
+}
+
 #[async_trait]
 impl Router for P2pRouter {
     fn ready(&self) -> bool {
@@ -379,7 +391,6 @@ struct Lookup {
     tx: mpsc::Sender<Peer>,
     remaining: usize,
     seen: HashSet<PeerId>,
-    started: Instant,
     /// The DHT query still running for this lookup.
     query: Option<QueryId>,
     /// Providers being dialed (or identified) before they are handed out, since when.
@@ -522,7 +533,6 @@ impl EventLoop {
                         tx,
                         remaining: count.max(1),
                         seen: HashSet::new(),
-                        started: Instant::now(),
                         query: None,
                         pending: HashMap::new(),
                     },
@@ -987,10 +997,6 @@ impl EventLoop {
         let Some(lookup) = self.lookups.get_mut(&id) else {
             return;
         };
-        metrics::global()
-            .resolve_duration
-            .with_label_values(&["libp2p"])
-            .observe(lookup.started.elapsed().as_secs_f64());
         let full = lookup.tx.try_send(peer).is_err() || {
             lookup.remaining -= 1;
             lookup.remaining == 0

@@ -4,10 +4,12 @@ use std::{
     collections::HashMap,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
+use containerd_client::events::ContentDelete;
 use containerd_client::services::v1::{
     GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
     PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
@@ -20,12 +22,19 @@ use tonic::{Code, Request, Status, transport::Channel};
 use tracing::{debug, info, warn};
 
 use super::{Content, Descriptor, Image, ImageEvent, Store, StoreError};
-use crate::oci::{ContentRange, Digest, OCTET_STREAM, Reference, fingerprint_media_type};
+use crate::{
+    metrics,
+    oci::{ContentRange, Digest, OCTET_STREAM, Reference, fingerprint_media_type},
+};
 
 /// Content larger than this is never read to guess its media type.
 const FINGERPRINT_LIMIT: u64 = 4 << 20;
 /// Bound on remembered media types; cleared wholesale when reached (cheap and rare).
 const MEDIA_TYPE_CACHE_LIMIT: usize = 200_000;
+/// Least time between two questions to containerd about where its content lives, while the
+/// answer is unknown (containerd down when we started). A `stat` of a known candidate costs
+/// nothing next to a content API read, so that is re-done on every open instead.
+const CONTENT_ROOT_ASK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Connection settings for [`ContainerdStore`].
 #[derive(Debug, Clone)]
@@ -43,13 +52,33 @@ pub struct ContainerdStoreConfig {
 pub struct ContainerdStore {
     channel: Channel,
     namespace: String,
-    content_root: Option<PathBuf>,
+    /// Set once `<root>/blobs` is a directory; never unset (containerd does not remove it).
+    content_root: OnceLock<PathBuf>,
+    /// How to find the root while it is not usable yet.
+    probe: Mutex<RootProbe>,
     media_types: Mutex<HashMap<Digest, String>>,
+}
+
+/// Re-probing state for a content directory that was not usable at start: a fresh node's
+/// containerd creates `<root>/blobs` only when it writes its first content.
+#[derive(Debug, Default)]
+struct RootProbe {
+    /// `--containerd-content-path`; empty asks containerd.
+    configured: String,
+    /// The root to check: the configured one, or containerd's answer once it gave one.
+    candidate: Option<PathBuf>,
+    /// No question to containerd before this.
+    next_ask: Option<Instant>,
+    /// Whether "not usable" was already logged for the candidate, so re-probes stay quiet.
+    warned: bool,
+    /// Whether the startup probe is done, so a root found later is logged as it appears.
+    started: bool,
 }
 
 fn status_to_error(what: &str, status: Status) -> StoreError {
     match status.code() {
         Code::NotFound => StoreError::NotFound(what.to_string()),
+        Code::Unavailable => StoreError::Unavailable(format!("{what}: {}", status.message())),
         _ => StoreError::Backend(format!("{what}: {}", status.message())),
     }
 }
@@ -68,44 +97,102 @@ impl ContainerdStore {
                     ))
                 }
             }));
-        let mut store = ContainerdStore {
+        let store = ContainerdStore {
             channel,
             namespace: config.namespace,
-            content_root: None,
+            content_root: OnceLock::new(),
+            probe: Mutex::new(RootProbe {
+                candidate: (!config.content_path.is_empty())
+                    .then(|| PathBuf::from(&config.content_path)),
+                configured: config.content_path,
+                ..RootProbe::default()
+            }),
             media_types: Mutex::default(),
         };
-        store.content_root = store.resolve_content_root(&config.content_path).await;
-        match &store.content_root {
+        match store.probe_content_root().await {
             Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
             None => warn!(
-                "content directory not usable, serving blobs through the containerd content API"
+                "content directory not usable, serving blobs through the containerd content API \
+                 until it appears"
             ),
         }
+        store.lock_probe().started = true;
         Ok(store)
     }
 
-    async fn resolve_content_root(&self, configured: &str) -> Option<PathBuf> {
-        let candidate = if configured.is_empty() {
-            let mut client = IntrospectionClient::new(self.channel.clone());
-            let req = PluginsRequest {
-                filters: vec!["type==io.containerd.content.v1,id==content".to_string()],
-            };
-            match client.plugins(req).await {
-                Ok(resp) => resp.into_inner().plugins.into_iter().find_map(|p| p.exports.get("root").cloned()),
-                Err(e) => {
-                    warn!(error = %e.message(), "could not ask containerd for its content directory");
-                    None
-                }
+    /// The usable content root, probing again when there is none yet: cheap (a `stat`) when the
+    /// candidate is known, one introspection call per [`CONTENT_ROOT_ASK_INTERVAL`] otherwise.
+    async fn probe_content_root(&self) -> Option<&Path> {
+        if let Some(root) = self.content_root.get() {
+            return Some(root);
+        }
+        let (candidate, ask) = {
+            let mut probe = self.lock_probe();
+            let now = Instant::now();
+            let ask = probe.candidate.is_none()
+                && probe.configured.is_empty()
+                && probe.next_ask.is_none_or(|t| now >= t);
+            if ask {
+                probe.next_ask = Some(now + CONTENT_ROOT_ASK_INTERVAL);
             }
-            .map(PathBuf::from)?
-        } else {
-            PathBuf::from(configured)
+            (probe.candidate.clone(), ask)
+        };
+        let candidate = match candidate {
+            Some(c) => c,
+            None if ask => {
+                let answer = self.ask_content_root().await?;
+                self.lock_probe().candidate = Some(answer.clone());
+                answer
+            }
+            None => return None,
         };
         match std::fs::metadata(candidate.join("blobs")) {
-            Ok(m) if m.is_dir() => Some(candidate),
-            Ok(_) => None,
+            Ok(m) if m.is_dir() => {
+                let first = self.content_root.set(candidate).is_ok();
+                let root = self.content_root.get()?;
+                if first && self.lock_probe().started {
+                    info!(path = %root.display(), "content directory appeared, serving blobs from it");
+                }
+                Some(root)
+            }
+            Ok(_) => {
+                self.warn_once(&candidate, "blobs is not a directory");
+                None
+            }
             Err(e) => {
-                warn!(path = %candidate.display(), error = %e, "content directory not readable");
+                self.warn_once(&candidate, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn warn_once(&self, candidate: &Path, error: &str) {
+        let mut probe = self.lock_probe();
+        if !probe.warned {
+            probe.warned = true;
+            warn!(path = %candidate.display(), error, "content directory not readable");
+        }
+    }
+
+    fn lock_probe(&self) -> std::sync::MutexGuard<'_, RootProbe> {
+        self.probe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// containerd's own answer to where its content store lives.
+    async fn ask_content_root(&self) -> Option<PathBuf> {
+        let mut client = IntrospectionClient::new(self.channel.clone());
+        let req = PluginsRequest {
+            filters: vec!["type==io.containerd.content.v1,id==content".to_string()],
+        };
+        match client.plugins(req).await {
+            Ok(resp) => resp
+                .into_inner()
+                .plugins
+                .into_iter()
+                .find_map(|p| p.exports.get("root").cloned())
+                .map(PathBuf::from),
+            Err(e) => {
+                warn!(error = %e.message(), "could not ask containerd for its content directory");
                 None
             }
         }
@@ -113,7 +200,7 @@ impl ContainerdStore {
 
     /// The content directory blobs are read from, if usable.
     pub fn content_root(&self) -> Option<&Path> {
-        self.content_root.as_deref()
+        self.content_root.get().map(PathBuf::as_path)
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -306,12 +393,21 @@ impl Store for ContainerdStore {
         digest: &Digest,
         range: Option<ContentRange>,
     ) -> Result<Content, StoreError> {
-        if let Some(root) = &self.content_root
+        if let Some(root) = self.probe_content_root().await
             && let Some(file) = self.open_file(root, digest)?
         {
+            metrics::global()
+                .content_opens
+                .with_label_values(&[metrics::CONTENT_PATH_FILE])
+                .inc();
             return Ok(Content::File(file));
         }
-        Ok(Content::Stream(self.read_stream(digest, range).await?))
+        let stream = self.read_stream(digest, range).await?;
+        metrics::global()
+            .content_opens
+            .with_label_values(&[metrics::CONTENT_PATH_STREAM])
+            .inc();
+        Ok(Content::Stream(stream))
     }
 
     async fn walk(&self, digest: &Digest) -> Result<Vec<Descriptor>, StoreError> {
@@ -325,7 +421,11 @@ impl Store for ContainerdStore {
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError> {
         let mut client = EventsClient::new(self.channel.clone());
         let req = SubscribeRequest {
-            filters: vec![r#"topic~="/images/""#.to_string()],
+            // Filters are alternatives; content deletes come from `ctr content rm` and the like.
+            filters: vec![
+                r#"topic~="/images/""#.to_string(),
+                r#"topic=="/content/delete""#.to_string(),
+            ],
         };
         let stream = client
             .subscribe(req)
@@ -357,11 +457,85 @@ impl Store for ContainerdStore {
                                     "/images/delete" => ImageDelete::decode(any.value.as_slice())
                                         .ok()
                                         .map(|e| ImageEvent::Deleted(e.name)),
+                                    "/content/delete" => {
+                                        ContentDelete::decode(any.value.as_slice())
+                                            .ok()
+                                            .and_then(|e| e.digest.parse().ok())
+                                            .map(ImageEvent::ContentDeleted)
+                                    }
                                     _ => None,
                                 }
                             });
                     std::future::ready(event)
                 }),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opens(path: &str) -> u64 {
+        metrics::global()
+            .content_opens
+            .with_label_values(&[path])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn content_directory_created_after_start_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("content");
+        // No containerd behind the socket: the content API fails, the directory does not.
+        let store = ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.path().join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: root.display().to_string(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(store.content_root(), None);
+        let data = b"layer bytes".to_vec();
+        let digest = Digest::sha256_of(&data);
+        let err = store.open(&digest, None).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+
+        // containerd writes its first content.
+        let blobs = root.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join(digest.hex()), &data).unwrap();
+        let (files, streams) = (
+            opens(metrics::CONTENT_PATH_FILE),
+            opens(metrics::CONTENT_PATH_STREAM),
+        );
+        match store.open(&digest, None).await.unwrap() {
+            Content::File(f) => assert_eq!(f.metadata().unwrap().len(), data.len() as u64),
+            other => panic!("expected the file, got {other:?}"),
+        }
+        assert_eq!(store.content_root(), Some(root.as_path()));
+        assert_eq!(opens(metrics::CONTENT_PATH_FILE), files + 1);
+        assert_eq!(opens(metrics::CONTENT_PATH_STREAM), streams);
+        let text = String::from_utf8(metrics::global().encode()).unwrap();
+        assert!(
+            text.contains(r#"spegel_store_content_opens_total{path="file"}"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn content_directory_that_is_a_file_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blobs"), b"not a directory").unwrap();
+        let store = ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.path().join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: dir.path().display().to_string(),
+        })
+        .await
+        .unwrap();
+        let digest = Digest::sha256_of(b"x");
+        assert!(store.open(&digest, None).await.is_err());
+        assert_eq!(store.content_root(), None);
     }
 }

@@ -91,6 +91,12 @@ impl MemoryStore {
         });
     }
 
+    /// Removes content and emits a content-delete event, as containerd's content API does.
+    pub fn delete_content(&self, digest: &Digest) {
+        self.remove_blob(digest);
+        let _ = self.events.send(ImageEvent::ContentDeleted(digest.clone()));
+    }
+
     /// Deletes an image name and emits a delete event.
     pub fn remove_image(&self, name: &str) {
         self.lock().images.remove(name);

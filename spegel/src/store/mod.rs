@@ -65,6 +65,9 @@ pub enum ImageEvent {
     Updated(String),
     /// An image name was deleted.
     Deleted(String),
+    /// A blob was removed through the content API (containerd's garbage collector sends no
+    /// such event; image deletes cover it).
+    ContentDeleted(Digest),
 }
 
 /// Store failures.
@@ -73,9 +76,12 @@ pub enum StoreError {
     /// The image or content does not exist.
     #[error("not found: {0}")]
     NotFound(String),
-    /// containerd could not be reached or answered with an error.
+    /// containerd answered with an error.
     #[error("containerd: {0}")]
     Backend(String),
+    /// containerd could not be reached (not running, restarting).
+    #[error("containerd unavailable: {0}")]
+    Unavailable(String),
     /// Content exists but is unusable (e.g. a file that is not a regular file).
     #[error("invalid content: {0}")]
     Invalid(String),
@@ -88,6 +94,11 @@ impl StoreError {
     /// Whether this error means the content simply is not here.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound(_))
+    }
+
+    /// Whether the backend could not be reached, so nothing can be concluded about content.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
     }
 }
 

@@ -2,7 +2,7 @@
 
 use regex::Regex;
 
-use crate::oci::Reference;
+use super::Reference;
 
 /// Why filters could not be built from flags.
 #[derive(Debug, thiserror::Error)]

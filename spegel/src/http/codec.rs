@@ -1,6 +1,6 @@
-//! A small HTTP/1.1 codec for the registry listener.
+//! A small HTTP/1.1 codec: request heads in, response heads out.
 //!
-//! The registry is pull-only (GET and HEAD), so it needs no request bodies. It owns the socket
+//! The daemon serves only GET and HEAD, so it needs no request bodies. The server owns the socket
 //! so blob bodies can be written with `sendfile(2)`, which hyper's body abstraction cannot carry.
 
 use std::{fmt::Write as _, io, time::Duration};
