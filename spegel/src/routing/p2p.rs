@@ -46,6 +46,8 @@ const WITHDRAW_CHUNK: usize = 1000;
 const REPLICATION: usize = 20;
 /// How long a lookup waits for a provider it had to dial before giving up on it.
 const DIAL_WAIT: Duration = Duration::from_secs(3);
+/// Longest wait before a provide query that failed (timed out) is run again.
+const PROVIDE_RETRY: Duration = Duration::from_secs(5);
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -185,7 +187,10 @@ impl P2pRouter {
                 kad_config
                     .set_query_timeout(Duration::from_secs(5))
                     .set_provider_record_ttl(Some(ttl))
-                    .set_provider_publication_interval(Some(ttl / 2))
+                    // Re-provides go through our own queue instead (`due_provides`): Kademlia's
+                    // job starts every key at once, skips them when 100 queries run, and never
+                    // retries one that timed out, so under load records expired unrefreshed.
+                    .set_provider_publication_interval(None)
                     .set_record_ttl(Some(ttl))
                     .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
                 let store = MemoryStore::with_config(
@@ -251,6 +256,10 @@ impl P2pRouter {
             peers: HashMap::new(),
             departed: HashSet::new(),
             provide_queue: VecDeque::new(),
+            queued: HashSet::new(),
+            advertised: HashSet::new(),
+            refresh: VecDeque::new(),
+            retry: VecDeque::new(),
             provides: HashSet::new(),
             ready,
             shared,
@@ -427,7 +436,16 @@ struct EventLoop {
     ttl: Duration,
     peers: HashMap<PeerId, PeerInfo>,
     departed: HashSet<PeerId>,
+    /// Keys waiting for a provide query (at most [`MAX_PROVIDE_QUERIES`] run at once).
     provide_queue: VecDeque<RecordKey>,
+    /// The keys in `provide_queue`, so a key is queued once.
+    queued: HashSet<RecordKey>,
+    /// Every key this node advertises now.
+    advertised: HashSet<RecordKey>,
+    /// Re-provide at half the TTL after each successful provide, oldest first.
+    refresh: VecDeque<(Instant, RecordKey)>,
+    /// Provides that failed, run again after [`EventLoop::retry_delay`], oldest first.
+    retry: VecDeque<(Instant, RecordKey)>,
     provides: HashSet<QueryId>,
     ready: Arc<AtomicBool>,
     shared: Arc<Mutex<Shared>>,
@@ -445,7 +463,10 @@ impl EventLoop {
         loop {
             let leave_deadline = self.leaving.as_ref().map(|l| l.deadline);
             tokio::select! {
-                _ = tick.tick() => self.expire_pending(),
+                _ = tick.tick() => {
+                    self.expire_pending();
+                    self.due_provides();
+                }
                 command = self.commands.recv(), if self.leaving.is_none() => match command {
                     Some(c) => self.command(c),
                     // Every handle is gone: nothing can use the router any more.
@@ -496,7 +517,10 @@ impl EventLoop {
                         }
                     }
                 }
-                self.provide_queue.extend(record_keys);
+                for key in record_keys {
+                    self.advertised.insert(key.clone());
+                    self.enqueue(key);
+                }
                 let _ = reply.send(());
             }
             Command::Withdraw(keys, reply) => {
@@ -507,6 +531,8 @@ impl EventLoop {
                 let withdrawn: HashSet<&RecordKey> = record_keys.iter().collect();
                 self.provide_queue.retain(|k| !withdrawn.contains(k));
                 for key in &record_keys {
+                    self.queued.remove(key);
+                    self.advertised.remove(key);
                     self.swarm.behaviour_mut().kad.stop_providing(key);
                 }
                 // Peers that stored our records drop them now rather than at expiry.
@@ -627,6 +653,7 @@ impl EventLoop {
             let Some(key) = self.provide_queue.pop_front() else {
                 break;
             };
+            self.queued.remove(&key);
             match self.swarm.behaviour_mut().kad.start_providing(key) {
                 Ok(id) => {
                     self.provides.insert(id);
@@ -768,8 +795,15 @@ impl EventLoop {
                     QueryResult::Bootstrap(_) if step.last => self.bootstrapped = true,
                     QueryResult::StartProviding(result) => {
                         self.provides.remove(&id);
-                        if let Err(e) = result {
-                            debug!(error = %e, "provide query incomplete");
+                        let now = Instant::now();
+                        match result {
+                            Ok(ok) => self.refresh.push_back((now + self.ttl / 2, ok.key)),
+                            Err(e) => {
+                                // A timed-out provide stored the record nowhere: run it again.
+                                debug!(error = %e, "provide query incomplete, retrying");
+                                let key = e.key().clone();
+                                self.retry.push_back((now + self.retry_delay(), key));
+                            }
                         }
                     }
                     _ => {}
@@ -901,11 +935,7 @@ impl EventLoop {
 
     /// Sends `peer` everything this node provides, ending with `last`.
     fn sync_to(&mut self, peer: PeerId) {
-        let mut keys: Vec<Vec<u8>> =
-            kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
-                .map(|r| r.key.to_vec())
-                .collect();
-        keys.extend(self.provide_queue.iter().map(|k| k.to_vec()));
+        let keys: Vec<Vec<u8>> = self.advertised.iter().map(|k| k.to_vec()).collect();
         let chunks: Vec<Vec<Vec<u8>>> = if keys.is_empty() {
             vec![vec![]]
         } else {
@@ -1042,6 +1072,36 @@ impl EventLoop {
                 self.deliver(id, peer);
             }
             self.maybe_close(id);
+        }
+    }
+
+    /// Queues `key` for a provide query unless it is queued already.
+    fn enqueue(&mut self, key: RecordKey) {
+        if self.queued.insert(key.clone()) {
+            self.provide_queue.push_back(key);
+        }
+    }
+
+    /// A failed provide runs again well within the record's lifetime.
+    fn retry_delay(&self) -> Duration {
+        (self.ttl / 8).min(PROVIDE_RETRY)
+    }
+
+    /// Queues the re-provides and retries that are due, for keys still advertised.
+    fn due_provides(&mut self) {
+        let now = Instant::now();
+        let mut due = vec![];
+        for list in [&mut self.refresh, &mut self.retry] {
+            while list.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, key)) = list.pop_front() {
+                    due.push(key);
+                }
+            }
+        }
+        for key in due {
+            if self.advertised.contains(&key) {
+                self.enqueue(key);
+            }
         }
     }
 
