@@ -1,5 +1,7 @@
 //! Spegel: a stateless, cluster-local, peer-to-peer OCI registry mirror.
 
+pub mod activity;
+pub mod admin_ui;
 pub mod advertise;
 pub mod auth;
 pub mod cleanup;

@@ -5,12 +5,14 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::Context;
 use clap::Parser;
 use spegel::{
+    activity::{self, Activity},
+    admin_ui::{AdminUi, StoreImages, UiConfig, UiSources},
     advertise::Advertiser,
     auth,
     config::{
         Cli, Command, RegistryArgs, VersionArgs, VersionFormat, bind_listen_addr, parse_listen_addr,
     },
-    mirror::{MirrorConfig, PeerMirror},
+    mirror::{LatencySelector, MirrorConfig, PeerMirror},
     registry::{self, Filters, Registry, Timeouts, http},
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, serve_http_bootstrap},
     store::{ContainerdStore, ContainerdStoreConfig, Store},
@@ -130,15 +132,42 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
     );
     let advertise_task = tokio::spawn(advertiser.run());
 
+    // Off by default: a disabled record costs one branch per request and holds nothing.
+    let activity = if args.visualize_enabled {
+        Activity::enabled(activity::DEFAULT_CAPACITY)
+    } else {
+        Activity::disabled()
+    };
+    let selector = Arc::new(LatencySelector::new());
     let mirror = PeerMirror::new(
         shared_router.clone(),
         MirrorConfig {
             resolve_timeout: args.mirror_resolve_timeout,
             resolve_retries: args.mirror_resolve_retries.max(1),
             basic_auth_header: basic_auth.as_ref().map(|a| a.header_value()),
+            selector: selector.clone(),
+            activity: activity.clone(),
             ..Default::default()
         },
     )?;
+    let ui = Arc::new(AdminUi::new(
+        UiConfig {
+            debug_web: args.debug_web_enabled,
+            visualize: args.visualize_enabled,
+            registry: own_address(registry_listener.local_addr()?),
+            authorization: basic_auth.as_ref().map(|a| a.header_value()),
+        },
+        UiSources {
+            node: Arc::new(router.clone()),
+            images: Arc::new(StoreImages {
+                store: store.clone(),
+                filters: filters.clone(),
+            }),
+            selector,
+            lookup: Arc::new(router.clone()),
+            activity: activity.clone(),
+        },
+    ));
     let ready_router = router.clone();
     let registry = Arc::new(Registry {
         store,
@@ -147,6 +176,7 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
         auth: basic_auth,
         // A lone node serves its own content but is not ready (§3.5).
         ready: Arc::new(move || ready_router.ready()),
+        activity,
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -163,6 +193,7 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
             Arc::new(MetricsHandler {
                 router: router.clone(),
                 debug_web: args.debug_web_enabled,
+                ui,
             }),
             timeouts,
             shutdown_rx.clone(),
@@ -202,15 +233,34 @@ async fn run_registry(args: RegistryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The metrics listener: `/metrics`, and `/debug/web/metadata` when the debug web is enabled.
+/// Where this process reaches its own listener: a wildcard bind is reached on loopback.
+fn own_address(bound: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), bound.port())
+        }
+        _ => bound,
+    }
+}
+
+/// The metrics listener: `/metrics`, the UI pages, and `/debug/web/metadata` when the debug
+/// web is enabled.
 struct MetricsHandler {
     router: P2pRouter,
     debug_web: bool,
+    ui: Arc<AdminUi>,
 }
 
 #[async_trait::async_trait]
 impl registry::Handler for MetricsHandler {
     async fn handle(&self, req: &http::Request) -> http::Response {
+        if let Some(response) = self.ui.handle(req).await {
+            return response;
+        }
         match (req.method.as_str(), req.path.as_str()) {
             ("GET" | "HEAD", "/metrics") => http::Response::empty(200)
                 .header("Content-Type", "text/plain; version=0.0.4")

@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
     TextEncoder, exponential_buckets,
 };
 
@@ -28,6 +28,8 @@ pub struct Metrics {
     pub http_response_size: HistogramVec,
     /// `http_requests_inflight{handler}`.
     pub http_requests_inflight: GaugeVec,
+    /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
+    pub visualize_events_total: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -100,8 +102,16 @@ impl Metrics {
                 ),
                 &["handler"],
             )),
+            visualize_events_total: must(IntCounter::new(
+                "spegel_visualize_events_total",
+                "Requests recorded for the visualize page.",
+            )),
             registry,
         };
+        must(
+            m.registry
+                .register(Box::new(m.visualize_events_total.clone())),
+        );
         must(
             m.registry
                 .register(Box::new(m.mirror_requests_total.clone())),

@@ -42,6 +42,18 @@ pub struct ResumingBody {
     pub(super) sent: u64,
     pub(super) resumes: usize,
     pub(super) done: bool,
+    /// Recorded for `/visualize` when the body ends or is dropped.
+    pub(super) record: Option<super::OutRecord>,
+    pub(super) failed: bool,
+}
+
+impl Drop for ResumingBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            let broken = self.failed || self.sent < self.len;
+            r.finish(self.sent, self.resumes > 0, broken);
+        }
+    }
 }
 
 impl ResumingBody {
@@ -56,6 +68,7 @@ impl ResumingBody {
         len: u64,
         resumable: bool,
         deadline: Option<tokio::time::Instant>,
+        record: Option<super::OutRecord>,
     ) -> Self {
         ResumingBody {
             shared,
@@ -72,6 +85,8 @@ impl ResumingBody {
             sent: 0,
             resumes: 0,
             done: false,
+            record,
+            failed: false,
         }
     }
 
@@ -123,6 +138,7 @@ impl ResumingBody {
             }
             if !self.resumable || self.resumes >= self.shared.config.max_resumes {
                 self.done = true;
+                self.failed = true;
                 return Some(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -150,6 +166,7 @@ impl ResumingBody {
                 }
                 Err(e) => {
                     self.done = true;
+                    self.failed = true;
                     return Some(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("resuming at byte {from} failed: {e:?}"),

@@ -12,11 +12,13 @@ use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use selector::{LatencySelector, Outcome, PeerSelector};
+pub use selector::{LatencySelector, Outcome, PeerSelector, PeerSnapshot};
 
 use crate::{
+    activity::{self, Activity, Direction, Event},
     oci::{ByteRange, DistributionPath, Kind, OCTET_STREAM},
     registry::{
+        SERVED_BY_HEADER,
         http::{Body, Response},
         not_found_anywhere,
     },
@@ -63,6 +65,8 @@ pub struct MirrorConfig {
     pub max_resumes: usize,
     /// A peer body that delivers nothing for this long counts as broken.
     pub body_stall_timeout: Duration,
+    /// Record of peer fetches for `/visualize` (disabled by default).
+    pub activity: Activity,
 }
 
 impl Default for MirrorConfig {
@@ -76,6 +80,7 @@ impl Default for MirrorConfig {
             race_timeout_floor: Duration::from_millis(100),
             max_resumes: 5,
             body_stall_timeout: Duration::from_secs(30),
+            activity: Activity::disabled(),
         }
     }
 }
@@ -91,6 +96,27 @@ impl std::fmt::Debug for MirrorConfig {
             .field("max_resumes", &self.max_resumes)
             .field("body_stall_timeout", &self.body_stall_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// The outgoing event of one forward, recorded when its body ends.
+pub(crate) struct OutRecord {
+    activity: Activity,
+    event: Event,
+    started: std::time::Instant,
+}
+
+impl OutRecord {
+    /// Records the fetch with the bytes received and how the body ended.
+    pub(crate) fn finish(mut self, bytes: u64, resumed: bool, failed: bool) {
+        self.event.bytes = bytes;
+        self.event.resumed = resumed;
+        self.event.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if failed {
+            self.event.outcome = activity::Outcome::Failed;
+        }
+        let event = self.event;
+        self.activity.record(|| event);
     }
 }
 
@@ -143,6 +169,8 @@ impl PeerMirror {
         deadline: Option<tokio::time::Instant>,
     ) -> Response {
         let shared = &self.shared;
+        let started = std::time::Instant::now();
+        let started_ms = activity::now_ms();
         let kind = request.path.kind;
         let head = request.head;
         let key: Arc<str> = request.path.reference.identifier().into();
@@ -219,9 +247,35 @@ impl PeerMirror {
                 }
             }
         };
-        response = response.header("Docker-Content-Digest", fetched.digest.clone());
+        response = response
+            .header("Docker-Content-Digest", fetched.digest.clone())
+            .header(SERVED_BY_HEADER, winner.peer.id.clone());
         debug!(peer = %winner.peer.id, status = response.status, len, "forwarding peer response");
+        let record = shared.config.activity.is_enabled().then(|| OutRecord {
+            activity: shared.config.activity.clone(),
+            event: {
+                let mut e = Event::new(Direction::Out, kind.as_str(), activity::Outcome::Forwarded);
+                e.time_ms = started_ms;
+                e.registry = request.path.reference.registry.clone();
+                e.repository = request.path.reference.repository.clone();
+                e.reference = match (&request.path.reference.digest, &request.path.reference.tag) {
+                    (Some(d), _) => d.to_string(),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => String::new(),
+                };
+                e.peer = Some(winner.peer.id.clone());
+                e.remote = winner.peer.addrs.first().map(|a| a.ip().to_string());
+                e.status = response.status;
+                e.hedged = winner.attempts > 1;
+                e.head = head;
+                e
+            },
+            started,
+        });
         if head || len == 0 {
+            if let Some(r) = record {
+                r.finish(0, false, false);
+            }
             return response;
         }
         let body = ResumingBody::new(
@@ -237,6 +291,7 @@ impl PeerMirror {
             len,
             kind == Kind::Blob,
             deadline,
+            record,
         );
         response.body(Body::Stream {
             stream: body.into_stream(),

@@ -7,6 +7,7 @@ use tracing::{debug, warn};
 
 use super::http::{Body, Request, Response};
 use crate::{
+    activity::{self, Activity, Direction, Event, Outcome},
     auth::BasicAuth,
     metrics,
     mirror::{Mirror, MirrorRequest},
@@ -21,6 +22,10 @@ use crate::{
 /// Header marking a request from a peer, which must never be forwarded again.
 pub const MIRRORED_HEADER: &str = "x-spegel-mirrored";
 
+/// Response header naming the peer that served a forwarded response (absent when served
+/// locally), for `/visualize`, the measure tool and `curl -I` debugging.
+pub const SERVED_BY_HEADER: &str = "x-spegel-served-by";
+
 /// Everything a request handler needs.
 pub struct Registry {
     /// The node's content.
@@ -33,6 +38,8 @@ pub struct Registry {
     pub auth: Option<BasicAuth>,
     /// Readiness for `/readyz`.
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Record of requests for `/visualize` (disabled by default: records nothing).
+    pub activity: Activity,
 }
 
 /// An OCI error response; HEAD gets the same headers without the body.
@@ -127,13 +134,58 @@ impl Registry {
             _ => None,
         };
         let from_peer = req.header(MIRRORED_HEADER) == Some("true");
-        if !from_peer && !self.present(&path).await {
-            return self.forward(MirrorRequest { path, head, range }).await;
+        let started = std::time::Instant::now();
+        let event = self.activity.is_enabled().then(|| {
+            let mut e = Event::new(Direction::In, path.kind.as_str(), Outcome::Served);
+            e.time_ms = activity::now_ms();
+            e.registry = path.reference.registry.clone();
+            e.repository = path.reference.repository.clone();
+            e.reference = match (&path.reference.digest, &path.reference.tag) {
+                (Some(d), _) => d.to_string(),
+                (None, Some(t)) => t.clone(),
+                (None, None) => String::new(),
+            };
+            e.remote = req.remote.map(|a| a.ip().to_string());
+            e.head = head;
+            e
+        });
+        let (response, outcome) = if !from_peer && !self.present(&path).await {
+            let r = self
+                .forward(MirrorRequest {
+                    path: path.clone(),
+                    head,
+                    range,
+                })
+                .await;
+            (r, Outcome::Forwarded)
+        } else {
+            let r = match path.kind {
+                Kind::Manifest => self.manifest(&path, head).await,
+                Kind::Blob => self.blob(&path, head, range).await,
+            };
+            (r, Outcome::Served)
+        };
+        if let Some(mut e) = event {
+            let status = response.status;
+            e.outcome = match status {
+                200 | 206 => outcome,
+                404 => Outcome::Fallback,
+                _ => Outcome::Failed,
+            };
+            e.status = status;
+            e.peer = response.get_header(SERVED_BY_HEADER).map(str::to_string);
+            e.bytes = if head {
+                0
+            } else {
+                response
+                    .get_header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| response.body.len())
+            };
+            e.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.activity.record(|| e);
         }
-        match path.kind {
-            Kind::Manifest => self.manifest(&path, head).await,
-            Kind::Blob => self.blob(&path, head, range).await,
-        }
+        response
     }
 
     async fn present(&self, path: &DistributionPath) -> bool {

@@ -21,7 +21,7 @@ use tokio::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use filter::{FilterError, Filters};
-pub use handler::{MIRRORED_HEADER, Registry, handler_label, not_found_anywhere, oci_error};
+pub use handler::{MIRRORED_HEADER, Registry, SERVED_BY_HEADER, handler_label, not_found_anywhere, oci_error};
 pub use sendfile::sendfile_all;
 
 use http::{Body, ReadError, Response};
@@ -113,7 +113,7 @@ async fn connection(
             r = http::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
             _ = shutdown.changed() => return,
         };
-        let req = match req {
+        let mut req = match req {
             Ok(r) => r,
             Err(ReadError::Closed) => return,
             Err(e) => {
@@ -129,6 +129,7 @@ async fn connection(
                 return;
             }
         };
+        req.remote = Some(peer);
         // Request bodies are never read, so the connection cannot be reused after one.
         let keep_alive = req.keep_alive && !req.has_body && !*shutdown.borrow();
         let label = handler_label(&req.path);
@@ -144,9 +145,14 @@ async fn connection(
         } else {
             response.body.len()
         };
-        let result = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
-            .instrument(span.clone())
-            .await;
+        // A close-delimited body ends the connection, and must not hold up shutdown.
+        let unbounded = response.body.is_unbounded();
+        let keep_alive = keep_alive && !unbounded;
+        let result = tokio::select! {
+            r = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
+                .instrument(span.clone()) => r,
+            _ = shutdown.changed(), if unbounded => Ok(()),
+        };
         inflight.dec();
         let code = status.to_string();
         let elapsed = started.elapsed();
@@ -233,6 +239,13 @@ async fn write_response(
                     std::io::ErrorKind::UnexpectedEof,
                     "body stream ended early",
                 ));
+            }
+            Ok(())
+        }
+        Body::Unbounded(mut body) => {
+            timed(stall, stream.write_all(&head)).await?;
+            while let Some(chunk) = body.next().await {
+                timed(stall, stream.write_all(&chunk?)).await?;
             }
             Ok(())
         }
