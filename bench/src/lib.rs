@@ -1,5 +1,6 @@
 //! Testbed and benchmarks for spegel: real containerd, real registry, network namespaces.
 
+pub mod browser;
 pub mod cluster;
 pub mod containerd;
 pub mod daemon;

@@ -153,8 +153,10 @@ pub struct PeerTotals {
     pub fetches: u64,
     /// Fetches from the peer that failed.
     pub failures: u64,
-    /// Throughput of the last fetch with a body, in bytes per second.
-    pub last_throughput: f64,
+    /// Time spent on fetches from the peer, in milliseconds.
+    pub busy_ms: f64,
+    /// Bytes per second over all successful fetches with a body.
+    pub throughput: f64,
     /// Unix ms of the last event involving the peer.
     pub last_ms: u64,
 }
@@ -242,7 +244,8 @@ impl Activity {
                     if event.outcome == Outcome::Failed {
                         t.failures += 1;
                     } else if event.bytes > 0 && event.duration_ms > 0.0 {
-                        t.last_throughput = event.bytes as f64 / (event.duration_ms / 1000.0);
+                        t.busy_ms += event.duration_ms;
+                        t.throughput = t.bytes_in as f64 / (t.busy_ms / 1000.0);
                     }
                 }
                 Direction::In => t.bytes_out += event.bytes,
@@ -429,7 +432,7 @@ mod tests {
             .find(|t| t.peer == format!("peer{}", MAX_PEERS + 19))
             .unwrap();
         assert_eq!(t.bytes_in, 10);
-        assert!((t.last_throughput - 2000.0).abs() < 1e-6);
+        assert!((t.throughput - 2000.0).abs() < 1e-6);
     }
 
     #[tokio::test]

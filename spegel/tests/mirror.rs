@@ -240,6 +240,7 @@ async fn registry_server(
             mirror,
             auth,
             ready: Arc::new(|| true),
+            activity: Default::default(),
         },
         log: log.clone(),
     };

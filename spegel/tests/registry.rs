@@ -177,6 +177,7 @@ fn registry(f: &Fixture) -> Registry {
         mirror: None,
         auth: None,
         ready: Arc::new(|| false),
+        activity: Default::default(),
     }
 }
 

@@ -388,7 +388,7 @@ impl PeerTable<'_> {
                     "bytes_in": t.map_or(0, |t| t.bytes_in),
                     "fetches": t.map_or(0, |t| t.fetches),
                     "failures": t.map_or(0, |t| t.failures),
-                    "throughput": t.map(|t| t.last_throughput),
+                    "throughput": t.map(|t| t.throughput),
                     "preferred": preferred.as_deref() == Some(id.as_str()),
                 })
             })
@@ -397,8 +397,14 @@ impl PeerTable<'_> {
     }
 }
 
-/// The IP of a `/ip4/…` or `/ip6/…` multiaddr.
+/// The IP of a plain IP, `ip:port`, or `/ip4/…` / `/ip6/…` multiaddr.
 fn multiaddr_ip(addr: &str) -> Option<String> {
+    if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+        return Some(ip.to_string());
+    }
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
     let mut parts = addr.split('/').skip(1);
     match (parts.next(), parts.next()) {
         (Some("ip4" | "ip6"), Some(ip)) => Some(ip.to_string()),
@@ -453,6 +459,8 @@ mod tests {
         );
         assert_eq!(multiaddr_ip("/ip6/::1/tcp/5001").as_deref(), Some("::1"));
         assert_eq!(multiaddr_ip("/dns/x/tcp/1"), None);
+        assert_eq!(multiaddr_ip("10.0.0.2").as_deref(), Some("10.0.0.2"));
+        assert_eq!(multiaddr_ip("[::1]:5000").as_deref(), Some("::1"));
         assert_eq!(multiaddr_ip(""), None);
     }
 

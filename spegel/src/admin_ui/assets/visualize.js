@@ -160,10 +160,12 @@
       const grp = svg('g', { class: 'node', 'data-node': id });
       const fill = isSelf ? '#10243e' : id === 'upstream' ? '#fff4e0' : id === 'clients' ? '#eef2f7' : (S.preferred === id ? '#dbeafe' : '#eef4ff');
       grp.appendChild(svg('circle', { cx: p.x.toFixed(0), cy: p.y.toFixed(0), r: isSelf ? '30' : '24', fill, stroke: isSelf ? '#10243e' : '#8aa0c0', 'stroke-width': '1.5' }));
-      const t = svg('text', { x: p.x.toFixed(0), y: (p.y + (isSelf ? 4 : 3)).toFixed(0), 'text-anchor': 'middle' }, isSelf ? 'this node' : (id === 'upstream' ? 'upstream' : id === 'clients' ? 'clients' : short(id)));
+      const t = svg('text', { x: p.x.toFixed(0), y: (p.y + (isSelf ? 4 : 3)).toFixed(0), 'text-anchor': 'middle' }, isSelf ? 'this node' : (id === 'upstream' ? 'upstream' : id === 'clients' ? 'clients' : 'peer'));
       if (isSelf) t.setAttribute('fill', '#fff');
       grp.appendChild(t);
-      grp.appendChild(svg('text', { x: p.x.toFixed(0), y: (p.y + (isSelf ? 44 : 38)).toFixed(0), 'text-anchor': 'middle', fill: '#6b7280' }, (S.preferred === id ? '★ ' : '') + p.sub));
+      const under = isSelf ? short(S.node.id) : p.peer ? (S.preferred === id ? '★ ' : '') + short(id) : p.sub;
+      grp.appendChild(svg('text', { x: p.x.toFixed(0), y: (p.y + (isSelf ? 44 : 38)).toFixed(0), 'text-anchor': 'middle', class: 'mono' }, under));
+      if (p.peer && p.sub) grp.appendChild(svg('text', { x: p.x.toFixed(0), y: (p.y + 51).toFixed(0), 'text-anchor': 'middle', fill: '#6b7280' }, p.sub));
       g.appendChild(grp);
     }
   }
