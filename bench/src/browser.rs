@@ -47,7 +47,9 @@ impl Browser {
     /// Starts chromium headless, inside `netns` when given, logging to `log`.
     pub fn launch(netns: Option<&str>, log: &Path) -> anyhow::Result<Browser> {
         crate::process::require(CHROMIUM, "chromium")?;
-        let profile = tempfile::Builder::new().prefix("spegel-chromium").tempdir()?;
+        let profile = tempfile::Builder::new()
+            .prefix("spegel-chromium")
+            .tempdir()?;
         let (our_read, their_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (their_read, our_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let mut cmd = crate::process::command_in(netns, CHROMIUM);
@@ -110,7 +112,12 @@ impl Browser {
     }
 
     /// Sends `method` (to `session`, or the browser) and waits for its result.
-    pub fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> anyhow::Result<Value> {
+    pub fn call(
+        &mut self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> anyhow::Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({"id": id, "method": method, "params": params});
@@ -211,7 +218,12 @@ impl Browser {
     }
 
     /// Evaluates `expression` every 100 ms until it is truthy, at most `timeout`.
-    pub fn wait_until(&mut self, page: &Page, expression: &str, timeout: Duration) -> anyhow::Result<Value> {
+    pub fn wait_until(
+        &mut self,
+        page: &Page,
+        expression: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.eval(page, expression).unwrap_or(Value::Null);

@@ -4,6 +4,7 @@ pub mod browser;
 pub mod cluster;
 pub mod containerd;
 pub mod daemon;
+pub mod forward;
 pub mod http;
 pub mod image;
 pub mod images;

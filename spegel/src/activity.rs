@@ -113,7 +113,11 @@ impl Event {
     }
 
     fn bound(&mut self) {
-        for s in [&mut self.registry, &mut self.repository, &mut self.reference] {
+        for s in [
+            &mut self.registry,
+            &mut self.repository,
+            &mut self.reference,
+        ] {
             truncate(s);
         }
         for s in [&mut self.peer, &mut self.remote].into_iter().flatten() {
@@ -362,10 +366,7 @@ mod tests {
             recent.iter().map(|e| e.bytes).collect::<Vec<_>>(),
             [7, 8, 9]
         );
-        assert_eq!(
-            recent.iter().map(|e| e.id).collect::<Vec<_>>(),
-            [8, 9, 10]
-        );
+        assert_eq!(recent.iter().map(|e| e.id).collect::<Vec<_>>(), [8, 9, 10]);
         assert!(recent.iter().all(|e| e.time_ms > 0));
     }
 

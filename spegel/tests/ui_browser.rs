@@ -83,7 +83,13 @@ fn visualize_and_debug_pages_in_a_real_browser() -> anyhow::Result<()> {
     // The UI is off on node 1: 404, and it recorded nothing although it served node 2.
     assert_eq!(get(&cluster, 1, "/visualize")?.status, 404);
     assert_eq!(get(&cluster, 1, "/visualize/events")?.status, 404);
-    assert!(metric(&cluster, 1, "http_request_duration_seconds_count{code=\"200\",handler=\"/v2/*\"") > 0.0);
+    assert!(
+        metric(
+            &cluster,
+            1,
+            "http_request_duration_seconds_count{code=\"200\",handler=\"/v2/*\""
+        ) > 0.0
+    );
     assert_eq!(metric(&cluster, 1, "spegel_visualize_events_total"), 0.0);
 
     let origin = format!("http://{}:{METRICS_PORT}", cluster.network().node_ip(2));
@@ -136,7 +142,10 @@ fn visualize_and_debug_pages_in_a_real_browser() -> anyhow::Result<()> {
     }
     let png = browser.screenshot(&dbg)?;
     save("debug-web.png", &png)?;
-    assert!(browser.pixel_variance(&dbg, &png)? > 50.0, "debug page screenshot is blank");
+    assert!(
+        browser.pixel_variance(&dbg, &png)? > 50.0,
+        "debug page screenshot is blank"
+    );
 
     // A real pull through node 2's mirror shows up live in the graph and the feed.
     cluster.node(2).pull(&image.reference, false)?;
@@ -173,7 +182,10 @@ fn visualize_and_debug_pages_in_a_real_browser() -> anyhow::Result<()> {
     assert_eq!(filtered, serde_json::json!(0));
     let png = browser.screenshot(&vis)?;
     save("visualize.png", &png)?;
-    assert!(browser.pixel_variance(&vis, &png)? > 50.0, "visualize screenshot is blank");
+    assert!(
+        browser.pixel_variance(&vis, &png)? > 50.0,
+        "visualize screenshot is blank"
+    );
     assert!(metric(&cluster, 2, "spegel_visualize_events_total") > 0.0);
 
     // Nothing but the daemon was contacted, and the pages ran without script errors.
@@ -192,7 +204,10 @@ fn visualize_and_debug_pages_in_a_real_browser() -> anyhow::Result<()> {
     // The visualize page still holds its event stream open: shutdown must not wait on it.
     for k in [2, 1] {
         let status = cluster.stop_daemon(k).expect("daemon running");
-        assert!(status.success(), "SIGTERM with an open event stream must exit 0: {status}");
+        assert!(
+            status.success(),
+            "SIGTERM with an open event stream must exit 0: {status}"
+        );
     }
     browser.close();
     Ok(())

@@ -153,7 +153,8 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
         if i % 2 == 0 {
             let stop = stop.clone();
             let received = received.clone();
-            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             readers.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut text = Vec::new();
@@ -161,8 +162,9 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
                     match s.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => text.extend_from_slice(&buf[..n]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
                         Err(_) => break,
                     }
                     let count = text
@@ -181,7 +183,9 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
     assert_eq!(activity.subscribers(), CLIENTS);
 
     // The limit holds: slots up to MAX_SSE_CLIENTS, then 503.
-    let mut extra: Vec<TcpStream> = (CLIENTS..MAX_SSE_CLIENTS).map(|_| open_stream(addr)).collect();
+    let mut extra: Vec<TcpStream> = (CLIENTS..MAX_SSE_CLIENTS)
+        .map(|_| open_stream(addr))
+        .collect();
     wait_for("the extra streams", || ui.sse_clients() == MAX_SSE_CLIENTS);
     let mut refused = open_stream(addr);
     assert_eq!(status_of(&mut refused), "HTTP/1.1 503");
@@ -202,7 +206,12 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
     }
     // Bounded: the ring holds its capacity, however many events there were.
     assert_eq!(activity.len(), CAPACITY);
-    assert!(activity.recent().iter().all(|e| e.bytes == blob.len() as u64 || e.bytes == 0));
+    assert!(
+        activity
+            .recent()
+            .iter()
+            .all(|e| e.bytes == blob.len() as u64 || e.bytes == 0)
+    );
     // The reading clients saw the events live (or were told they lagged).
     wait_for("readers to receive events", || {
         received.iter().all(|c| c.load(Ordering::Relaxed) > 0)

@@ -99,7 +99,9 @@ pub fn stats_fragment(
             format_duration(ago)
         );
     } else {
-        h.push_str("<div class=\"box\"><h3>Last Mirror Success</h3><p class=\"pending\">Pending</p></div>");
+        h.push_str(
+            "<div class=\"box\"><h3>Last Mirror Success</h3><p class=\"pending\">Pending</p></div>",
+        );
     }
     let _ = write!(
         h,
@@ -113,7 +115,10 @@ pub fn stats_fragment(
     );
     h.push_str("<h2>Peer Network Status</h2><table id=\"peers\"><thead><tr><th>Peer ID</th><th>Addresses</th></tr></thead><tbody>");
     for (id, addrs) in peers {
-        let ips: Vec<String> = addrs.iter().filter_map(|a| super::multiaddr_ip(a)).collect();
+        let ips: Vec<String> = addrs
+            .iter()
+            .filter_map(|a| super::multiaddr_ip(a))
+            .collect();
         let _ = write!(
             h,
             "<tr><td class=\"mono\">{}</td><td>{}</td></tr>",
@@ -155,10 +160,16 @@ mod tests {
 
     #[test]
     fn escapes_and_renders_stats() {
-        assert_eq!(escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape_html("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         let html = stats_fragment(
             "12D3<script>",
-            &["/ip4/10.1.2.3/tcp/5001".into(), "/ip4/127.0.0.1/tcp/5001".into()],
+            &[
+                "/ip4/10.1.2.3/tcp/5001".into(),
+                "/ip4/127.0.0.1/tcp/5001".into(),
+            ],
             0.0,
             &[ImageRow {
                 name: "docker.io/library/x".into(),

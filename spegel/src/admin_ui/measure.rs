@@ -411,7 +411,8 @@ mod tests {
     fn parses_image_parameters_with_defaults() {
         let r = parse_image_param(Some("image=ubuntu")).unwrap();
         assert_eq!(r.to_string(), "docker.io/library/ubuntu:latest");
-        let r = parse_image_param(Some("x=1&image=ghcr.io%2Fspegel-org%2Fspegel%3Av0.3.0")).unwrap();
+        let r =
+            parse_image_param(Some("x=1&image=ghcr.io%2Fspegel-org%2Fspegel%3Av0.3.0")).unwrap();
         assert_eq!(r.to_string(), "ghcr.io/spegel-org/spegel:v0.3.0");
         let r = parse_image_param(Some("image=10.99.0.254:5000/demo/app:v1")).unwrap();
         assert_eq!(r.registry, "10.99.0.254:5000");

@@ -148,8 +148,11 @@ impl SelectorStats for LatencySelector {
 #[async_trait]
 pub trait ProviderLookup: Send + Sync + 'static {
     /// Streams up to `count` providers of `key`.
-    async fn providers(&self, key: &str, count: usize)
-    -> Result<mpsc::Receiver<Peer>, RoutingError>;
+    async fn providers(
+        &self,
+        key: &str,
+        count: usize,
+    ) -> Result<mpsc::Receiver<Peer>, RoutingError>;
 }
 
 #[async_trait]

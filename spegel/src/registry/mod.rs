@@ -21,7 +21,9 @@ use tokio::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use filter::{FilterError, Filters};
-pub use handler::{MIRRORED_HEADER, Registry, SERVED_BY_HEADER, handler_label, not_found_anywhere, oci_error};
+pub use handler::{
+    MIRRORED_HEADER, Registry, SERVED_BY_HEADER, handler_label, not_found_anywhere, oci_error,
+};
 pub use sendfile::sendfile_all;
 
 use http::{Body, ReadError, Response};
