@@ -82,7 +82,7 @@
     const cx = 320, cy = 190;
     pos.set('self', { x: cx, y: cy, label: 'this node', sub: short(S.node.id) });
     pos.set('upstream', { x: cx, y: 32, label: 'upstream', sub: 'registry (fallback)' });
-    pos.set('clients', { x: cx, y: 350, label: 'containerd', sub: 'local clients' });
+    pos.set('clients', { x: cx, y: 322, label: 'containerd', sub: 'local clients' });
     const n = peerIds.length;
     peerIds.forEach((id, i) => {
       // Peers on the left and right arcs, away from upstream (top) and clients (bottom).
