@@ -379,12 +379,15 @@ fn existing_hosts(config_path: &Path, registry: &RegistryUrl) -> Result<String, 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
         Err(e) => return Err(FsError::new("read", &path, e).into()),
     };
-    let doc: toml_edit::DocumentMut =
-        text.parse()
-            .map_err(|e: toml_edit::TomlError| HostConfigError::ExistingHosts {
-                path: path.clone(),
-                cause: Box::new(e),
-            })?;
+    reencode_existing_hosts(&text).map_err(|e| HostConfigError::ExistingHosts {
+        path: path.clone(),
+        cause: Box::new(e),
+    })
+}
+
+/// Re-serialises the `[host.'…']` tables of a `hosts.toml` text, as `--prepend-existing` does.
+pub fn reencode_existing_hosts(text: &str) -> Result<String, toml_edit::TomlError> {
+    let doc: toml_edit::DocumentMut = text.parse()?;
     let Some(hosts) = doc.get("host").and_then(toml_edit::Item::as_table) else {
         return Ok(String::new());
     };

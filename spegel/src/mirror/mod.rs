@@ -11,6 +11,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use client::{FetchError, FetchSpec, describe};
 pub use hedger::{Hedger, INITIAL_HEDGE};
 pub use selector::{LatencySelector, Outcome, PeerSelector};
 
@@ -23,7 +24,7 @@ use crate::{
     routing::Router,
 };
 use body::ResumingBody;
-use client::{FetchSpec, PeerClient};
+use client::PeerClient;
 use race::{Pool, RaceError, race};
 
 /// A pull request the local store could not serve.

@@ -168,19 +168,22 @@ async fn http_peers(url: &str) -> Result<Vec<Multiaddr>, RoutingError> {
         .await
         .map_err(|_| bad(format!("GET {url} timed out")))?
         .map_err(|e| bad(format!("GET {url}: {e}")))?;
+    parse_id_answer(&raw).map_err(|e| bad(format!("GET {url}: {e}")))
+}
+
+/// Parses a raw HTTP `/id` answer (head and JSON body) into the peers' multiaddrs.
+pub fn parse_id_answer(raw: &[u8]) -> Result<Vec<Multiaddr>, RoutingError> {
+    let bad = |m: String| RoutingError::Bootstrap(m);
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad(format!("GET {url}: malformed response")))?;
+        .ok_or_else(|| bad("malformed response".into()))?;
     let head = String::from_utf8_lossy(&raw[..split]);
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(bad(format!(
-            "GET {url}: {}",
-            head.lines().next().unwrap_or_default()
-        )));
+        return Err(bad(head.lines().next().unwrap_or_default().to_string()));
     }
-    let infos: Vec<AddrInfo> = serde_json::from_slice(&raw[split + 4..])
-        .map_err(|e| bad(format!("GET {url}: invalid JSON: {e}")))?;
+    let infos: Vec<AddrInfo> =
+        serde_json::from_slice(&raw[split + 4..]).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let mut out = Vec::new();
     for info in infos.into_iter().take(MAX_BOOTSTRAP_PEERS) {
         for a in info.addrs {
