@@ -20,6 +20,8 @@ const APT: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     ("busybox-static", "/bin/busybox"),
     ("clang", "/usr/bin/clang"),
+    // C++ compiler and libstdc++ for libFuzzer, which the fuzz targets link.
+    ("g++", "/usr/bin/g++"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
     ("linux-libc-dev", "/usr/include/linux/bpf.h"),
     ("bpftool", "/usr/sbin/bpftool"),

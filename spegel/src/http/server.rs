@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -127,6 +127,7 @@ async fn connection(
                 let _ =
                     write_response(&mut stream, Response::empty(status), false, false, timeouts)
                         .await;
+                close_after_response(&mut stream).await;
                 return;
             }
         };
@@ -180,8 +181,24 @@ async fn connection(
             return;
         }
         if !keep_alive {
-            let _ = stream.shutdown().await;
+            close_after_response(&mut stream).await;
             return;
+        }
+    }
+}
+
+/// Ends a connection whose client may still be sending (an unread body, a rejected head):
+/// closing with unread bytes makes the kernel answer with a reset that can destroy the response
+/// before the client reads it (RFC 9112 §9.6), so stop writing, then discard a bounded amount.
+async fn close_after_response(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut sink = [0u8; 8192];
+    let mut left: usize = 256 * 1024;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
         }
     }
 }

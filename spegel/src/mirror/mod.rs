@@ -15,6 +15,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
 pub use selector::{
@@ -32,7 +33,7 @@ use crate::{
     telemetry::{AdaptiveTimeouts, NetTelemetry, UserspaceTelemetry},
 };
 use body::ResumingBody;
-use client::{FetchSpec, PeerClient};
+use client::PeerClient;
 use race::{Pool, RaceError, race};
 
 /// The selector for `selection`, fed by `telemetry` where it uses telemetry.
