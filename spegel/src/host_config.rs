@@ -66,8 +66,8 @@ pub enum HostConfigError {
     ExistingHosts {
         /// The unparsable file.
         path: PathBuf,
-        /// Parser error.
-        cause: Box<toml_edit::TomlError>,
+        /// Why it was refused.
+        cause: Box<ExistingHostsError>,
     },
     /// Basic-auth credentials could not be loaded.
     #[error(transparent)]
@@ -379,12 +379,61 @@ fn existing_hosts(config_path: &Path, registry: &RegistryUrl) -> Result<String, 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
         Err(e) => return Err(FsError::new("read", &path, e).into()),
     };
-    let doc: toml_edit::DocumentMut =
-        text.parse()
-            .map_err(|e: toml_edit::TomlError| HostConfigError::ExistingHosts {
-                path: path.clone(),
-                cause: Box::new(e),
-            })?;
+    reencode_existing_hosts(&text).map_err(|e| HostConfigError::ExistingHosts {
+        path: path.clone(),
+        cause: Box::new(e),
+    })
+}
+
+/// Deepest table nesting accepted in an existing `hosts.toml` (a real one has `host.'…'.header`).
+const MAX_EXISTING_NESTING: usize = 8;
+
+/// Why an existing `hosts.toml` cannot be prepended.
+#[derive(Debug, thiserror::Error)]
+pub enum ExistingHostsError {
+    /// Not TOML.
+    #[error(transparent)]
+    Parse(#[from] toml_edit::TomlError),
+    /// Tables nested deeper than any containerd setting; re-encoding such a file as headers
+    /// grows it quadratically and the result no longer parses.
+    #[error("tables nested {depth} deep (at most {MAX_EXISTING_NESTING})")]
+    TooDeep {
+        /// Nesting found.
+        depth: usize,
+    },
+}
+
+fn nesting(item: &toml_edit::Item) -> usize {
+    fn value_depth(value: &toml_edit::Value) -> usize {
+        match value {
+            toml_edit::Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
+            toml_edit::Value::InlineTable(t) => {
+                1 + t.iter().map(|(_, v)| value_depth(v)).max().unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+    match item {
+        toml_edit::Item::None => 0,
+        toml_edit::Item::Value(v) => value_depth(v),
+        toml_edit::Item::Table(t) => 1 + t.iter().map(|(_, i)| nesting(i)).max().unwrap_or(0),
+        toml_edit::Item::ArrayOfTables(a) => {
+            1 + a
+                .iter()
+                .flat_map(|t| t.iter().map(|(_, i)| nesting(i)))
+                .max()
+                .unwrap_or(0)
+        }
+    }
+}
+
+/// Re-serialises the `[host.'…']` tables of a `hosts.toml` text, as `--prepend-existing` does.
+pub fn reencode_existing_hosts(text: &str) -> Result<String, ExistingHostsError> {
+    let doc: toml_edit::DocumentMut = text.parse()?;
+    let depth = nesting(doc.as_item());
+    if depth > MAX_EXISTING_NESTING {
+        return Err(ExistingHostsError::TooDeep { depth });
+    }
     let Some(hosts) = doc.get("host").and_then(toml_edit::Item::as_table) else {
         return Ok(String::new());
     };
@@ -1054,6 +1103,25 @@ override_path = true";
             matches!(err, HostConfigError::ExistingHosts { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn existing_hosts_nested_too_deep_is_refused() {
+        // Found by the hosts_toml fuzz target: one long dotted key re-encoded as ~100 nested
+        // headers, quadratic in size and unparsable the second time.
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let text = format!(
+            "[host.'http://a:5000']\ncapabilities = ['pull']\n{} = 1\n",
+            keys.join(".")
+        );
+        let err = reencode_existing_hosts(&text).unwrap_err();
+        assert!(
+            matches!(err, ExistingHostsError::TooDeep { depth } if depth > MAX_EXISTING_NESTING),
+            "{err}"
+        );
+        let fine = "[host.'http://a:5000']\ncapabilities = ['pull']\n\n[host.'http://a:5000'.header]\nx = ['y']\n";
+        let once = reencode_existing_hosts(fine).unwrap();
+        assert_eq!(reencode_existing_hosts(&once).unwrap(), once);
     }
 
     #[test]

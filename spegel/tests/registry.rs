@@ -178,6 +178,7 @@ fn registry(f: &Fixture) -> Registry {
         mirror: None,
         auth: None,
         ready: Arc::new(|| false),
+        activity: Default::default(),
     }
 }
 
@@ -598,6 +599,83 @@ async fn docker_manifest_media_type_is_kept() {
     assert_eq!(
         (r.status, r.header("content-type")),
         (200, Some(DOCKER_MANIFEST))
+    );
+    s.stop().await;
+}
+
+/// Writes `raw` on a fresh connection and returns the status of every response the server
+/// sends before it closes the connection.
+async fn statuses_until_close(s: &Server, raw: &[u8]) -> Vec<u16> {
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf))
+        .await
+        .expect("the server must close the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    text.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| text[i + 9..i + 12].parse().unwrap())
+        .collect()
+}
+
+/// RFC 9112 framing: a request whose body length is ambiguous gets 400 and a closed
+/// connection, and a body the server does not read is never parsed as the next request.
+#[tokio::test]
+async fn request_framing_follows_rfc9112() {
+    let f = fixture(MemoryStore::new());
+    let s = Server::start(registry(&f)).await;
+    let smuggled = "GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let len = smuggled.len();
+    // §6.3: differing Content-Length values (the second one framed the smuggled request).
+    for headers in [
+        format!("Content-Length: 0\r\nContent-Length: {len}\r\n"),
+        format!("Content-Length: 0, {len}\r\n"),
+        "Content-Length: abc\r\n".to_string(),
+        // §6.1: chunked must be the final coding, and never comes with Content-Length.
+        "Transfer-Encoding: gzip\r\n".to_string(),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {len}\r\n"),
+        // §5.2: obsolete line folding.
+        "X-Folded: a\r\n b\r\n".to_string(),
+    ] {
+        let raw = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\n{headers}\r\n{smuggled}");
+        assert_eq!(
+            statuses_until_close(&s, raw.as_bytes()).await,
+            [400],
+            "{headers:?}"
+        );
+    }
+    // Bodies the server does not read (on GET, chunked, HTTP/1.0 with Transfer-Encoding):
+    // one response, then the connection closes instead of reading the body as a request.
+    for raw in [
+        format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n{smuggled}"),
+        format!(
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "GET /v2/ HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}"
+        ),
+    ] {
+        assert_eq!(
+            statuses_until_close(&s, raw.as_bytes()).await,
+            [200],
+            "{raw:?}"
+        );
+    }
+    // Equal values are one length (§6.3), and a zero-length body keeps the connection.
+    let raw = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 0\r\nContent-Length: 0\r\n\r\n{smuggled}"
+    );
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(
+        read_response(&mut stream, &mut buf, false).await.status,
+        200
+    );
+    assert_eq!(
+        read_response(&mut stream, &mut buf, false).await.status,
+        404
     );
     s.stop().await;
 }

@@ -20,10 +20,14 @@ const APT: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     ("busybox-static", "/bin/busybox"),
     ("clang", "/usr/bin/clang"),
+    // C++ compiler and libstdc++ for libFuzzer, which the fuzz targets link.
+    ("g++", "/usr/bin/g++"),
     ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
     ("linux-libc-dev", "/usr/include/linux/bpf.h"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("python3-pip", "/usr/bin/pip3"),
+    // Headless browser for the UI tests (driven over CDP on a pipe; never downloads one).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 /// Python packages for the chart tests, with the module that shows each is importable.

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask deps|test|demo|bench|image`.
+//! Project tasks: `cargo xtask deps|test|demo|bench|fuzz|image`.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 mod deps;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "spegel project tasks")]
@@ -42,6 +43,14 @@ enum Task {
         #[arg(long, default_value = concat!("ghcr.io/spegel-rs/spegel:", env!("CARGO_PKG_VERSION")))]
         tag: String,
     },
+    /// Fuzz the parsers that see untrusted input (all targets, or one), one after the other.
+    Fuzz {
+        /// Target name (see `fuzz/fuzz_targets`); all targets when omitted.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// Run a benchmark (`serve`, `p2p`, `pull`); see `cargo xtask bench -- --help`.
     Bench {
         /// Benchmark name and its arguments.
@@ -73,6 +82,13 @@ fn main() -> anyhow::Result<()> {
                 image.archive.display()
             );
             Ok(())
+        }
+        Task::Fuzz { target, seconds } => {
+            deps::install()?;
+            match target {
+                Some(t) => fuzz::run_all(&root, &[t.as_str()], seconds),
+                None => fuzz::run_all(&root, fuzz::TARGETS, seconds),
+            }
         }
         Task::Bench { args } => {
             deps::install()?;
@@ -125,7 +141,17 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     } else {
         Ok(())
     };
-    rust_result.and(chart_result).and(matrix_result)
+    // A short bounded run of every fuzz target: a crash on the committed corpus or one found
+    // within seconds fails the suite.
+    let fuzz_result = if args.is_empty() {
+        fuzz::run_all(root, fuzz::TARGETS, fuzz::SMOKE_SECONDS)
+    } else {
+        Ok(())
+    };
+    rust_result
+        .and(chart_result)
+        .and(matrix_result)
+        .and(fuzz_result)
 }
 
 /// Tests that run against every containerd version of the matrix; the main run covers the

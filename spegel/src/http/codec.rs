@@ -28,6 +28,8 @@ pub struct Request {
     pub keep_alive: bool,
     /// Whether the request announced a body (which the registry never reads).
     pub has_body: bool,
+    /// The client's address, set by the server loop.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 impl Request {
@@ -81,17 +83,9 @@ pub async fn read_request(
     };
     loop {
         if !buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let request = to_request(&req)?;
-                    let _ = buf.split_to(len);
-                    return Ok(request);
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(httparse::Error::TooManyHeaders) => return Err(ReadError::TooLarge),
-                Err(e) => return Err(ReadError::Malformed(e.to_string())),
+            if let Some((request, len)) = parse_head(buf)? {
+                let _ = buf.split_to(len);
+                return Ok(request);
             }
             if buf.len() >= MAX_HEAD {
                 return Err(ReadError::TooLarge);
@@ -116,6 +110,44 @@ pub async fn read_request(
         }
         started.get_or_insert_with(tokio::time::Instant::now);
     }
+}
+
+/// Parses one request head from the start of `buf`: `None` while it is incomplete, else the
+/// request and the head's length (bytes after it belong to the next request).
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some((to_request(&req)?, len))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(ReadError::TooLarge),
+        Err(e) => Err(ReadError::Malformed(e.to_string())),
+    }
+}
+
+/// The body length the `Content-Length` fields announce (RFC 9112 §6.3): several fields or a
+/// list are accepted only when every value is the same decimal number, since a server that
+/// picks one of them frames the message differently from one that picks another.
+fn content_length(headers: &[(String, String)]) -> Result<Option<u64>, ReadError> {
+    let mut length: Option<u64> = None;
+    for (_, value) in headers.iter().filter(|(n, _)| n == "content-length") {
+        for part in value.split(',') {
+            let part = part.trim_matches([' ', '\t']);
+            let parsed = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| ReadError::Malformed(format!("invalid Content-Length {value:?}")))?;
+            match length {
+                Some(l) if l != parsed => {
+                    return Err(ReadError::Malformed(
+                        "conflicting Content-Length values".into(),
+                    ));
+                }
+                _ => length = Some(parsed),
+            }
+        }
+    }
+    Ok(length)
 }
 
 fn to_request(req: &httparse::Request<'_, '_>) -> Result<Request, ReadError> {
@@ -147,8 +179,32 @@ fn to_request(req: &httparse::Request<'_, '_>) -> Result<Request, ReadError> {
         Some(1) => !connection.split(',').any(|t| t.trim() == "close"),
         _ => connection.split(',').any(|t| t.trim() == "keep-alive"),
     };
-    let has_body = find("transfer-encoding").is_some()
-        || find("content-length").is_some_and(|v| v.trim() != "0");
+    let length = content_length(&headers)?;
+    let codings: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n == "transfer-encoding")
+        .flat_map(|(_, v)| v.split(','))
+        .map(|c| c.trim_matches([' ', '\t']).to_ascii_lowercase())
+        .collect();
+    let chunked = match codings.last() {
+        None => false,
+        Some(last) if last == "chunked" => true,
+        // RFC 9112 §6.1: without chunked last the body length cannot be determined.
+        Some(_) => {
+            return Err(ReadError::Malformed(
+                "chunked is not the final coding".into(),
+            ));
+        }
+    };
+    if chunked && length.is_some() {
+        // §6.1 lets a server reject both together; accepting them is the classic smuggling vector.
+        return Err(ReadError::Malformed(
+            "both Transfer-Encoding and Content-Length".into(),
+        ));
+    }
+    // Bodies are never read: a request with one (any Transfer-Encoding, including HTTP/1.0's,
+    // which §6.1 calls faulty framing) ends the connection after its response.
+    let has_body = chunked || length.is_some_and(|l| l > 0);
     Ok(Request {
         method,
         path,
@@ -156,6 +212,7 @@ fn to_request(req: &httparse::Request<'_, '_>) -> Result<Request, ReadError> {
         headers,
         keep_alive,
         has_body,
+        remote: None,
     })
 }
 
@@ -181,6 +238,9 @@ pub enum Body {
         /// Total bytes the stream yields.
         len: u64,
     },
+    /// A stream of unknown length (e.g. Server-Sent Events), delimited by closing the
+    /// connection; it ends when the stream ends, the client stops reading, or on shutdown.
+    Unbounded(BoxStream<'static, io::Result<Bytes>>),
 }
 
 impl std::fmt::Debug for Body {
@@ -190,15 +250,16 @@ impl std::fmt::Debug for Body {
             Body::Bytes(b) => write!(f, "Bytes({})", b.len()),
             Body::File { offset, len, .. } => write!(f, "File({offset}+{len})"),
             Body::Stream { len, .. } => write!(f, "Stream({len})"),
+            Body::Unbounded(_) => f.write_str("Unbounded"),
         }
     }
 }
 
 impl Body {
-    /// Length in bytes.
+    /// Length in bytes (0 for [`Body::Unbounded`], whose length is unknown).
     pub fn len(&self) -> u64 {
         match self {
-            Body::Empty => 0,
+            Body::Empty | Body::Unbounded(_) => 0,
             Body::Bytes(b) => b.len() as u64,
             Body::File { len, .. } | Body::Stream { len, .. } => *len,
         }
@@ -206,7 +267,12 @@ impl Body {
 
     /// Whether the body has no bytes.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len() == 0 && !self.is_unbounded()
+    }
+
+    /// Whether the body is close-delimited.
+    pub fn is_unbounded(&self) -> bool {
+        matches!(self, Body::Unbounded(_))
     }
 }
 
@@ -255,12 +321,13 @@ impl Response {
     /// Serialises the status line and headers; `Content-Length` is added from the body when
     /// the handler did not set one.
     pub fn head_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let keep_alive = keep_alive && !self.body.is_unbounded();
         let mut out = String::with_capacity(256);
         let _ = write!(out, "HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (name, value) in &self.headers {
             let _ = write!(out, "{name}: {value}\r\n");
         }
-        if self.get_header("content-length").is_none() {
+        if self.get_header("content-length").is_none() && !self.body.is_unbounded() {
             let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
         }
         if !keep_alive {
@@ -295,12 +362,82 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Request, String> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(raw) {
-            Ok(httparse::Status::Complete(_)) => to_request(&req).map_err(|e| e.to_string()),
-            other => Err(format!("{other:?}")),
+        match parse_head(raw) {
+            Ok(Some((request, _))) => Ok(request),
+            Ok(None) => Err("partial".into()),
+            Err(e) => Err(e.to_string()),
         }
+    }
+
+    fn with_headers(headers: &str) -> Result<Request, String> {
+        parse(format!("GET /v2/ HTTP/1.1\r\nHost: h\r\n{headers}\r\n").as_bytes())
+    }
+
+    #[test]
+    fn content_length_must_be_one_decimal_number() {
+        // RFC 9112 §6.3: differing values would let two parsers frame the body differently.
+        for bad in [
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+            "Content-Length: 5\r\nContent-Length: 0\r\n",
+            "Content-Length: 0, 5\r\n",
+            "Content-Length: abc\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: +1\r\n",
+            "Content-Length: 0x10\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 1,\r\n",
+            "Content-Length: 18446744073709551616\r\n",
+        ] {
+            assert!(with_headers(bad).is_err(), "{bad:?} accepted");
+        }
+        let same = with_headers("Content-Length: 5\r\nContent-Length: 5, 5\r\n").unwrap();
+        assert!(same.has_body);
+        assert!(
+            !with_headers("Content-Length: 0\r\nContent-Length: 00\r\n")
+                .unwrap()
+                .has_body
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_framing() {
+        assert!(
+            with_headers("Transfer-Encoding: chunked\r\n")
+                .unwrap()
+                .has_body
+        );
+        assert!(
+            with_headers("Transfer-Encoding: gzip, Chunked\r\n")
+                .unwrap()
+                .has_body
+        );
+        // RFC 9112 §6.1: without chunked last the length is unknowable; with Content-Length too
+        // the two framings disagree.
+        for bad in [
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: chunked, gzip\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            "Transfer-Encoding: \r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert!(with_headers(bad).is_err(), "{bad:?} accepted");
+        }
+        // HTTP/1.0 has no chunked coding: the framing is faulty, so the connection must end.
+        let r = parse(
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap();
+        assert!(r.has_body);
+    }
+
+    #[test]
+    fn obsolete_line_folding_and_space_before_colon_are_rejected() {
+        // RFC 9112 §5.2 and §5.1.
+        assert!(with_headers("X-A: a\r\n b\r\n").is_err());
+        assert!(with_headers("X-A: a\r\n\tb\r\n").is_err());
+        assert!(with_headers("Content-Length : 5\r\n").is_err());
+        assert!(parse(b"GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n").is_err());
     }
 
     #[test]
@@ -331,6 +468,11 @@ mod tests {
         assert_eq!(
             r.head_bytes(true),
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+        );
+        let r = Response::empty(200).body(Body::Unbounded(Box::pin(futures::stream::empty())));
+        assert_eq!(
+            r.head_bytes(true),
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
         );
         let r = Response::empty(404).header("Content-Length", "10");
         assert_eq!(

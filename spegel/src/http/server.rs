@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -114,7 +114,7 @@ async fn connection(
             r = codec::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
             _ = shutdown.changed() => return,
         };
-        let req = match req {
+        let mut req = match req {
             Ok(r) => r,
             Err(ReadError::Closed) => return,
             Err(e) => {
@@ -127,9 +127,11 @@ async fn connection(
                 let _ =
                     write_response(&mut stream, Response::empty(status), false, false, timeouts)
                         .await;
+                close_after_response(&mut stream).await;
                 return;
             }
         };
+        req.remote = Some(peer);
         // Request bodies are never read, so the connection cannot be reused after one.
         let keep_alive = req.keep_alive && !req.has_body && !*shutdown.borrow();
         let label = handler.label(&req);
@@ -145,9 +147,14 @@ async fn connection(
         } else {
             response.body.len()
         };
-        let result = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
-            .instrument(span.clone())
-            .await;
+        // A close-delimited body ends the connection, and must not hold up shutdown.
+        let unbounded = response.body.is_unbounded();
+        let keep_alive = keep_alive && !unbounded;
+        let result = tokio::select! {
+            r = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
+                .instrument(span.clone()) => r,
+            _ = shutdown.changed(), if unbounded => Ok(()),
+        };
         inflight.dec();
         let code = status.to_string();
         let elapsed = started.elapsed();
@@ -174,8 +181,24 @@ async fn connection(
             return;
         }
         if !keep_alive {
-            let _ = stream.shutdown().await;
+            close_after_response(&mut stream).await;
             return;
+        }
+    }
+}
+
+/// Ends a connection whose client may still be sending (an unread body, a rejected head):
+/// closing with unread bytes makes the kernel answer with a reset that can destroy the response
+/// before the client reads it (RFC 9112 §9.6), so stop writing, then discard a bounded amount.
+async fn close_after_response(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut sink = [0u8; 8192];
+    let mut left: usize = 256 * 1024;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
         }
     }
 }

@@ -206,8 +206,9 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Checks a success response head against the request and extracts the content descriptor.
-fn describe(
+/// Checks a peer's success response head against the request and extracts the content
+/// descriptor: media type, total size, digest and the range the body carries.
+pub fn describe(
     spec: &FetchSpec,
     status: StatusCode,
     headers: &HeaderMap,

@@ -81,8 +81,13 @@ async fn http_peers(url: &str) -> Result<Vec<Multiaddr>, RoutingError> {
     if status != ::http::StatusCode::OK {
         return Err(bad(format!("GET {url}: {status}")));
     }
-    let infos: Vec<AddrInfo> =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("GET {url}: invalid JSON: {e}")))?;
+    parse_id_answer(&body).map_err(|e| bad(format!("GET {url}: {e}")))
+}
+
+/// Parses the JSON body of an HTTP `/id` answer into the peers' multiaddrs.
+pub fn parse_id_answer(body: &[u8]) -> Result<Vec<Multiaddr>, RoutingError> {
+    let infos: Vec<AddrInfo> = serde_json::from_slice(body)
+        .map_err(|e| RoutingError::Bootstrap(format!("invalid JSON: {e}")))?;
     let mut out = Vec::new();
     for info in infos.into_iter().take(MAX_BOOTSTRAP_PEERS) {
         for a in info.addrs {

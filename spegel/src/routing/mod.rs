@@ -9,7 +9,7 @@ mod p2p;
 
 use async_trait::async_trait;
 
-pub use bootstrap::{Bootstrapper, serve_http_bootstrap};
+pub use bootstrap::{Bootstrapper, parse_id_answer, serve_http_bootstrap};
 pub use identity::load_or_create_identity;
 pub use p2p::{P2pConfig, P2pRouter, RouterStats};
 
