@@ -31,6 +31,9 @@ pub struct Metrics {
     /// `spegel_store_content_opens_total{path}`: content opened by data path,
     /// [`CONTENT_PATH_FILE`] or [`CONTENT_PATH_STREAM`] (not in the original).
     pub content_opens: IntCounterVec,
+    /// `spegel_store_content_rejected_total{reason}`: blob files refused because they are a
+    /// [`CONTENT_REJECTED_SYMLINK`] or [`CONTENT_REJECTED_NOT_REGULAR`] (not in the original).
+    pub content_rejected: IntCounterVec,
     /// `spegel_peer_rtt_seconds{peer}`: smoothed TCP RTT to a known peer's address.
     pub peer_rtt: GaugeVec,
     /// `spegel_peer_min_rtt_seconds{peer}`: minimum TCP RTT to a known peer's address.
@@ -49,6 +52,11 @@ pub struct Metrics {
 pub const CONTENT_PATH_FILE: &str = "file";
 /// `path` label: content streamed through containerd's content API (a userspace copy).
 pub const CONTENT_PATH_STREAM: &str = "stream";
+
+/// `reason` label: the blob file is a symbolic link.
+pub const CONTENT_REJECTED_SYMLINK: &str = "symlink";
+/// `reason` label: the blob file is neither a link nor a regular file (a FIFO, a directory).
+pub const CONTENT_REJECTED_NOT_REGULAR: &str = "not_regular";
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only reachable with a programming error in the static definitions below.
@@ -127,6 +135,13 @@ impl Metrics {
                 ),
                 &["path"],
             )),
+            content_rejected: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_store_content_rejected_total",
+                    "Blob files in the content directory refused (not served) because they are not regular files.",
+                ),
+                &["reason"],
+            )),
             peer_rtt: must(GaugeVec::new(
                 Opts::new(
                     "spegel_peer_rtt_seconds",
@@ -197,6 +212,7 @@ impl Metrics {
                 .register(Box::new(m.http_requests_inflight.clone())),
         );
         must(m.registry.register(Box::new(m.content_opens.clone())));
+        must(m.registry.register(Box::new(m.content_rejected.clone())));
         must(m.registry.register(Box::new(m.peer_rtt.clone())));
         must(m.registry.register(Box::new(m.peer_min_rtt.clone())));
         must(

@@ -75,6 +75,16 @@ struct RootProbe {
     started: bool,
 }
 
+/// Logs and counts a blob file that must not be served, and the error that answers it.
+fn reject(path: &Path, digest: &Digest, reason: &'static str) -> StoreError {
+    warn!(path = %path.display(), %digest, reason, "blob file is not a regular file, not serving it");
+    metrics::global()
+        .content_rejected
+        .with_label_values(&[reason])
+        .inc();
+    StoreError::Invalid(format!("{}: {reason}", path.display()))
+}
+
 fn status_to_error(what: &str, status: Status) -> StoreError {
     match status.code() {
         Code::NotFound => StoreError::NotFound(what.to_string()),
@@ -239,12 +249,19 @@ impl ContainerdStore {
         let path = self.blob_path(root, digest);
         let file = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            // O_NONBLOCK: opening a FIFO planted in place of a blob must not block the thread
+            // (it has no effect on regular files).
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound(digest.to_string()));
+            }
+            // A link in place of a blob: the content API would follow it and serve whatever
+            // it points at, so this digest is not served at all (containerd goes upstream).
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(reject(&path, digest, metrics::CONTENT_REJECTED_SYMLINK));
             }
             Err(e) => {
                 debug!(path = %path.display(), error = %e, "cannot open blob file, using the content API");
@@ -253,10 +270,7 @@ impl ContainerdStore {
         };
         let meta = file.metadata()?;
         if !meta.file_type().is_file() {
-            return Err(StoreError::Invalid(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(reject(&path, digest, metrics::CONTENT_REJECTED_NOT_REGULAR));
         }
         Ok(Some(file))
     }
@@ -521,6 +535,53 @@ mod tests {
             text.contains(r#"spegel_store_content_opens_total{path="file"}"#),
             "{text}"
         );
+    }
+
+    fn rejected(reason: &str) -> u64 {
+        metrics::global()
+            .content_rejected
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn links_and_special_files_in_place_of_blobs_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let store = ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.path().join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: dir.path().display().to_string(),
+        })
+        .await
+        .unwrap();
+        let same_size = dir.path().join("other");
+        std::fs::write(&same_size, b"other bytes").unwrap();
+        for (i, target) in [same_size.as_path(), Path::new("/etc/passwd")]
+            .into_iter()
+            .enumerate()
+        {
+            let digest = Digest::sha256_of(format!("layer {i}").as_bytes());
+            std::os::unix::fs::symlink(target, blobs.join(digest.hex())).unwrap();
+            let before = rejected(metrics::CONTENT_REJECTED_SYMLINK);
+            // Not Unavailable: the content API (which follows links) is never asked.
+            match store.open(&digest, None).await {
+                Err(StoreError::Invalid(_)) => {}
+                other => panic!("a link must be refused, got {other:?}"),
+            }
+            assert_eq!(rejected(metrics::CONTENT_REJECTED_SYMLINK), before + 1);
+        }
+        let fifo = Digest::sha256_of(b"fifo");
+        let path =
+            std::ffi::CString::new(blobs.join(fifo.hex()).as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let before = rejected(metrics::CONTENT_REJECTED_NOT_REGULAR);
+        let opened = tokio::time::timeout(Duration::from_secs(10), store.open(&fifo, None))
+            .await
+            .expect("opening a FIFO must not block");
+        assert!(matches!(opened, Err(StoreError::Invalid(_))), "{opened:?}");
+        assert_eq!(rejected(metrics::CONTENT_REJECTED_NOT_REGULAR), before + 1);
     }
 
     #[tokio::test]
