@@ -411,6 +411,11 @@ impl App {
             },
         );
         let ready_router = router.clone();
+        if let Some(hosts) = config.filters.registries() {
+            crate::metrics::global()
+                .registry_labels
+                .add_known(hosts.iter().map(String::as_str));
+        }
         let registry = Registry {
             store,
             filters: config.filters,

@@ -1,6 +1,9 @@
 //! Prometheus metrics, with the original's names and labels (§5).
 
-use std::sync::LazyLock;
+use std::{
+    collections::HashSet,
+    sync::{LazyLock, Mutex},
+};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -46,6 +49,67 @@ pub struct Metrics {
     pub ebpf_enabled: IntGauge,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
+    /// The values the `registry` label of request metrics may take.
+    pub registry_labels: RegistryLabels,
+}
+
+/// The `method` label of HTTP metrics: a fixed set, whatever method string the client sent.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        _ => "other",
+    }
+}
+
+/// `registry` label for a registry not admitted as a label value.
+pub const OTHER_REGISTRY: &str = "other";
+/// Registry names from requests admitted as label values beyond the known ones; the rest share
+/// [`OTHER_REGISTRY`], so a client sending endless `?ns=` values adds at most this many series.
+pub const MAX_REQUESTED_REGISTRY_LABELS: usize = 16;
+/// Longest registry name used as a label value (a host name with a port).
+const MAX_REGISTRY_LABEL_LEN: usize = 260;
+
+/// The bounded set of `registry` label values: registries the node knows (the
+/// `--mirrored-registries` allow-list, registries of local images) and the first
+/// [`MAX_REQUESTED_REGISTRY_LABELS`] other names requests carried.
+#[derive(Debug, Default)]
+pub struct RegistryLabels {
+    inner: Mutex<RegistryLabelSets>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryLabelSets {
+    known: HashSet<String>,
+    requested: HashSet<String>,
+}
+
+impl RegistryLabels {
+    /// Admits `registries` (from configuration or the local store, never from a client).
+    pub fn add_known<'a>(&self, registries: impl IntoIterator<Item = &'a str>) {
+        let mut sets = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for r in registries {
+            if r.len() <= MAX_REGISTRY_LABEL_LEN && !sets.known.contains(r) {
+                sets.known.insert(r.to_string());
+            }
+        }
+    }
+
+    /// The label value for `registry`, a name a client sent.
+    pub fn label(&self, registry: &str) -> String {
+        let mut sets = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if sets.known.contains(registry) || sets.requested.contains(registry) {
+            return registry.to_string();
+        }
+        if registry.len() <= MAX_REGISTRY_LABEL_LEN
+            && registry != OTHER_REGISTRY
+            && sets.requested.len() < MAX_REQUESTED_REGISTRY_LABELS
+        {
+            sets.requested.insert(registry.to_string());
+            return registry.to_string();
+        }
+        OTHER_REGISTRY.to_string()
+    }
 }
 
 /// `path` label: content read from containerd's content directory (bodies go out with sendfile).
@@ -179,6 +243,7 @@ impl Metrics {
                 "Requests recorded for the visualize page.",
             )),
             registry,
+            registry_labels: RegistryLabels::default(),
         };
         must(
             m.registry
@@ -244,6 +309,27 @@ pub fn global() -> &'static Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_bounded() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("HEAD"), "HEAD");
+        for m in ["get", "POST", "BREW", &"X".repeat(10_000)] {
+            assert_eq!(method_label(m), "other");
+        }
+        let labels = RegistryLabels::default();
+        labels.add_known(["docker.io", "ghcr.io"]);
+        let mut values = HashSet::new();
+        for i in 0..1000 {
+            values.insert(labels.label(&format!("r{i}.example")));
+        }
+        values.insert(labels.label(&"a".repeat(10_000)));
+        assert_eq!(values.len(), MAX_REQUESTED_REGISTRY_LABELS + 1);
+        assert!(values.contains(OTHER_REGISTRY));
+        // Known registries keep their own value even once the requested slots are full.
+        assert_eq!(labels.label("ghcr.io"), "ghcr.io");
+        assert_eq!(labels.label("r0.example"), "r0.example");
+    }
 
     #[test]
     fn names_and_labels() {

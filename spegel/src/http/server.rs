@@ -156,14 +156,15 @@ async fn connection(
         };
         inflight.dec();
         let code = status.to_string();
+        let method = crate::metrics::method_label(&req.method);
         let elapsed = started.elapsed();
         metrics
             .http_request_duration
-            .with_label_values(&[label, &req.method, &code])
+            .with_label_values(&[label, method, &code])
             .observe(elapsed.as_secs_f64());
         metrics
             .http_response_size
-            .with_label_values(&[label, &req.method, &code])
+            .with_label_values(&[label, method, &code])
             .observe(size as f64);
         if handler.log_served(label) {
             span.in_scope(|| {

@@ -201,6 +201,7 @@ impl Registry {
         } else {
             "miss"
         };
+        let registry = m.registry_labels.label(&registry);
         m.mirror_requests_total
             .with_label_values(&[registry.as_str(), cache])
             .inc();
