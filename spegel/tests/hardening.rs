@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use spegel::{
+    auth::BasicAuth,
     http::{self, Timeouts},
     oci::{Digest, Filters},
     registry::Registry,
@@ -239,5 +240,84 @@ async fn metric_series_stay_bounded_under_random_methods_and_namespaces() {
     let text = String::from_utf8(spegel::metrics::global().encode()).unwrap();
     assert!(text.contains(r#"method="other""#), "{text}");
     assert!(text.contains(r#"registry="other""#), "{text}");
+    s.stop().await;
+}
+
+/// Defect 7: RFC 9110 conformance of the registry's answers.
+#[tokio::test]
+async fn rfc9110_conformance() {
+    let f = fixture();
+    let mut reg = registry(&f);
+    reg.auth = Some(BasicAuth {
+        username: "hello".into(),
+        password: "world".into(),
+    });
+    let s = Server::start(reg).await;
+    let auth = [("Authorization", "Basic aGVsbG86d29ybGQ=")];
+
+    // §11.6.1: a 401 carries a challenge.
+    for method in ["GET", "HEAD"] {
+        let r = s.request(method, "/v2/", &[]).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Basic realm="spegel""#)
+        );
+    }
+
+    let path = format!("/v2/library/app/blobs/{}?ns=docker.io", f.layer);
+    // §14.2: a Range that is not one valid byte range is ignored.
+    for ignored in [
+        "bytes=x",
+        "bytes=5-2",
+        "bytes=1-2,4-5",
+        "items=0-1",
+        "bytes=",
+        "bytes=--1",
+    ] {
+        let r = s
+            .request("GET", &path, &[auth[0], ("Range", ignored)])
+            .await;
+        assert_eq!(r.status, 200, "{ignored}");
+        assert_eq!(r.body, f.layer_data, "{ignored}");
+        assert_eq!(r.header("content-range"), None, "{ignored}");
+    }
+    // A valid range beyond the end of the content covers all of it (206, the whole blob).
+    for whole in [
+        "bytes=0-18446744073709551615",
+        "bytes=0-99999999999999999999999",
+    ] {
+        let r = s.request("GET", &path, &[auth[0], ("Range", whole)]).await;
+        assert_eq!(r.status, 206, "{whole}");
+        assert_eq!(r.header("content-range"), Some("bytes 0-19/20"), "{whole}");
+        assert_eq!(r.body, f.layer_data, "{whole}");
+    }
+    // An unsatisfiable one: 416 with the size.
+    let r = s
+        .request(
+            "GET",
+            &path,
+            &[auth[0], ("Range", "bytes=18446744073709551615-")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.header("content-range")),
+        (416, Some("bytes */20"))
+    );
+
+    // §15.5.6: 405 names the allowed methods on the registry's routes.
+    for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"] {
+        for target in [
+            "/v2/",
+            path.as_str(),
+            "/v2/a/manifests/v1?ns=docker.io",
+            "/readyz",
+        ] {
+            let r = s.request(method, target, &[auth[0]]).await;
+            assert_eq!(r.status, 405, "{method} {target}");
+            assert_eq!(r.header("allow"), Some("GET, HEAD"), "{method} {target}");
+        }
+        assert_eq!(s.request(method, "/elsewhere", &[]).await.status, 404);
+    }
     s.stop().await;
 }
