@@ -49,6 +49,9 @@ pub struct Metrics {
     pub ebpf_enabled: IntGauge,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
+    /// `spegel_http_connections_refused_total{reason}`: connections closed by the connection
+    /// limits: `total`, `per_ip` (caps and reserve full) or `slow_reader` (not in the original).
+    pub http_connections_refused: IntCounterVec,
     /// The values the `registry` label of request metrics may take.
     pub registry_labels: RegistryLabels,
 }
@@ -243,6 +246,13 @@ impl Metrics {
                 "Requests recorded for the visualize page.",
             )),
             registry,
+            http_connections_refused: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_http_connections_refused_total",
+                    "Connections closed by the connection limits: total or per_ip cap reached, or a slow_reader.",
+                ),
+                &["reason"],
+            )),
             registry_labels: RegistryLabels::default(),
         };
         must(
@@ -278,6 +288,10 @@ impl Metrics {
         );
         must(m.registry.register(Box::new(m.content_opens.clone())));
         must(m.registry.register(Box::new(m.content_rejected.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.http_connections_refused.clone())),
+        );
         must(m.registry.register(Box::new(m.peer_rtt.clone())));
         must(m.registry.register(Box::new(m.peer_min_rtt.clone())));
         must(

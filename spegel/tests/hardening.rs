@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use spegel::{
     auth::BasicAuth,
-    http::{self, Timeouts},
+    http::{self, Limits, Timeouts},
     oci::{Digest, Filters},
     registry::Registry,
     store::MemoryStore,
@@ -101,14 +101,20 @@ fn timeouts() -> Timeouts {
 
 impl Server {
     async fn start(registry: Registry) -> Server {
-        Server::start_with(registry, timeouts()).await
+        Server::start_with_limits(registry, timeouts(), Limits::default()).await
     }
 
-    async fn start_with(registry: Registry, timeouts: Timeouts) -> Server {
+    async fn start_with_limits(registry: Registry, timeouts: Timeouts, limits: Limits) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(http::serve(listener, Arc::new(registry), timeouts, rx));
+        let task = tokio::spawn(http::serve_with(
+            listener,
+            Arc::new(registry),
+            timeouts,
+            limits,
+            rx,
+        ));
         Server {
             addr,
             shutdown,
@@ -319,5 +325,211 @@ async fn rfc9110_conformance() {
         }
         assert_eq!(s.request(method, "/elsewhere", &[]).await.status, 404);
     }
+    s.stop().await;
+}
+
+fn limits(max_connections: usize, max_per_ip: usize, reserve: usize) -> Limits {
+    Limits {
+        max_connections,
+        max_per_ip,
+        reserve,
+        first_byte: Duration::from_secs(60),
+        min_rate: 0,
+        rate_window: Duration::from_secs(30),
+    }
+}
+
+fn patient() -> Timeouts {
+    Timeouts {
+        idle: Duration::from_secs(60),
+        head: Duration::from_secs(60),
+        write_stall: Duration::from_secs(120),
+    }
+}
+
+/// A keep-alive connection that got a 200 for `target`, so the server has admitted it.
+async fn admitted(addr: std::net::SocketAddr, target: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    send(&mut stream, "GET", target, &[]).await;
+    let r = read_response(&mut stream, &mut Vec::new(), false).await;
+    assert_eq!(r.status, 200, "{target}");
+    stream
+}
+
+/// Whether the server closes `stream` without answering `target` (at most 20 s).
+async fn closed_unanswered(mut stream: TcpStream, target: &str) -> bool {
+    let _ = stream
+        .write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await;
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) | Ok(Err(_)) => buf.is_empty(),
+        Err(_) => false,
+    }
+}
+
+fn refused(reason: &str) -> u64 {
+    spegel::metrics::global()
+        .http_connections_refused
+        .with_label_values(&[reason])
+        .get()
+}
+
+/// Defect 6: at the total cap, new connections only reach the reserved routes, past the reserve
+/// they are closed; the probes answer throughout.
+#[tokio::test]
+async fn connection_cap_keeps_a_reserve_for_probes() {
+    let f = fixture();
+    let s = Server::start_with_limits(registry(&f), patient(), limits(4, 100, 2)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(admitted(s.addr, "/v2/").await);
+    }
+    // Full: a registry request on a new connection gets 503 and a retry hint.
+    let r = s.request("GET", "/v2/", &[]).await;
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
+    // The probes still answer, on reserve connections given back after one response.
+    for probe in ["/readyz", "/livez", "/readyz"] {
+        let r = s.request("GET", probe, &[]).await;
+        assert_eq!(r.status, 200, "{probe}");
+        assert_eq!(r.header("connection"), Some("close"), "{probe}");
+    }
+    // Two idle connections take the reserve; the next one is closed unanswered.
+    let reserve: Vec<TcpStream> = vec![
+        TcpStream::connect(s.addr).await.unwrap(),
+        TcpStream::connect(s.addr).await.unwrap(),
+    ];
+    let before = refused("total");
+    let extra = TcpStream::connect(s.addr).await.unwrap();
+    assert!(closed_unanswered(extra, "/readyz").await);
+    assert!(refused("total") > before);
+    // A freed slot is usable again (bounded retries while the server notices the close).
+    drop(reserve);
+    let mut answered = false;
+    for _ in 0..50 {
+        let stream = TcpStream::connect(s.addr).await.unwrap();
+        let mut stream = stream;
+        send(&mut stream, "GET", "/livez", &[]).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+        if String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "a freed reserve slot must serve /livez");
+    // The held connections are still served.
+    for stream in &mut held {
+        send(stream, "GET", "/v2/", &[]).await;
+        assert_eq!(
+            read_response(stream, &mut Vec::new(), false).await.status,
+            200
+        );
+    }
+    s.stop().await;
+}
+
+/// Defect 6: one address cannot take every connection.
+#[tokio::test]
+async fn per_ip_cap_leaves_room_for_other_addresses() {
+    let f = fixture();
+    let s = Server::start_with_limits(registry(&f), patient(), limits(100, 3, 0)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(admitted(s.addr, "/v2/").await);
+    }
+    let before = refused("per_ip");
+    let extra = TcpStream::connect(s.addr).await.unwrap();
+    assert!(closed_unanswered(extra, "/v2/").await);
+    assert!(refused("per_ip") > before);
+    // Another loopback address is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(s.addr).await.unwrap();
+    send(&mut other, "GET", "/v2/", &[]).await;
+    assert_eq!(
+        read_response(&mut other, &mut Vec::new(), false)
+            .await
+            .status,
+        200
+    );
+    s.stop().await;
+}
+
+/// Defect 6: a connection that never sends a byte is closed after the first-byte deadline,
+/// long before the keep-alive idle timeout (60 s here).
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_first_byte_deadline() {
+    let f = fixture();
+    let mut l = limits(100, 100, 0);
+    l.first_byte = Duration::from_secs(1);
+    let s = Server::start_with_limits(registry(&f), patient(), l).await;
+    let mut silent = TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent connection must be closed");
+    assert!(buf.is_empty());
+    // A connection that sent a request keeps the idle timeout between requests.
+    let mut busy = admitted(s.addr, "/v2/").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send(&mut busy, "GET", "/v2/", &[]).await;
+    assert_eq!(
+        read_response(&mut busy, &mut Vec::new(), false)
+            .await
+            .status,
+        200
+    );
+    s.stop().await;
+}
+
+/// Defect 6: a client that stops reading a large blob is cut by the minimum-rate check (the
+/// write-stall timeout is 120 s here), having received only part of the body.
+#[tokio::test]
+async fn slow_reader_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MemoryStore::with_files(dir.path().to_path_buf());
+    let size = 64usize << 20;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8)
+        .collect();
+    let digest = store.add_blob("application/octet-stream", data);
+    let f = Fixture {
+        store: Arc::new(store),
+        layer: digest.clone(),
+        layer_data: Vec::new(),
+    };
+    let mut l = limits(100, 100, 0);
+    l.min_rate = 1 << 20;
+    l.rate_window = Duration::from_secs(1);
+    let s = Server::start_with_limits(registry(&f), patient(), l).await;
+    let before = refused("slow_reader");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let mut stream = socket.connect(s.addr).await.unwrap();
+    send(
+        &mut stream,
+        "GET",
+        &format!("/v2/a/blobs/{digest}?ns=x.io"),
+        &[],
+    )
+    .await;
+    // Read nothing until the server had the time to give up (bounded polling of a counter).
+    let mut cut = false;
+    for _ in 0..300 {
+        if refused("slow_reader") > before {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut, "the stalled reader must be cut");
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut received)).await;
+    assert!(
+        received.len() < size,
+        "got {} of {size} bytes",
+        received.len()
+    );
     s.stop().await;
 }

@@ -74,6 +74,10 @@ impl Handler for Registry {
     fn log_served(&self, label: &'static str) -> bool {
         label == "/v2/*"
     }
+
+    fn reserved(&self, req: &Request) -> bool {
+        matches!(req.path.as_str(), "/readyz" | "/livez")
+    }
 }
 
 impl Registry {
