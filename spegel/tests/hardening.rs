@@ -533,3 +533,150 @@ async fn slow_reader_is_cut() {
     );
     s.stop().await;
 }
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Reads up to the end of a response head, leaving the body unread.
+async fn read_head(stream: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte))
+            .await
+            .expect("head timeout")
+            .unwrap();
+        assert_eq!(n, 1, "closed before the head ended");
+        buf.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text[9..12].parse().unwrap();
+    (status, buf)
+}
+
+/// Defect 4: blobs streamed through containerd's content API (a real containerd) are capped in
+/// number (503 + Retry-After past the cap) and each buffers at most one piece, so memory stays
+/// bounded while clients hold their streams without reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_api_streams_are_bounded() {
+    use bench::{
+        containerd::Containerd,
+        images::{self, BlobKind, ImageSpec},
+        registry::Upstream,
+    };
+    use spegel::store::{
+        ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start(&dir.path().join("ctd"), None).unwrap();
+    let upstream = Upstream::start_local(&dir.path().join("registry")).unwrap();
+    let size = 32u64 << 20;
+    let image = images::push(
+        upstream.addr(),
+        &ImageSpec {
+            repo: "test/big".into(),
+            tag: "v1".into(),
+            layers: vec![size],
+            seed: 7,
+            platforms: vec![],
+        },
+    )
+    .unwrap();
+    containerd.pull(&image.reference, true).unwrap();
+    let layer = image.of_kind(BlobKind::Layer).next().unwrap();
+    let store = Arc::new(
+        ContainerdStore::connect(ContainerdStoreConfig {
+            socket: containerd.socket().display().to_string(),
+            namespace: "k8s.io".into(),
+            // No usable directory: every body goes through the content API.
+            content_path: "/nonexistent/content".into(),
+        })
+        .await
+        .unwrap(),
+    );
+    let reg = Registry {
+        store: store.clone(),
+        filters: Filters::new(&[], &[]).unwrap(),
+        mirror: None,
+        auth: None,
+        ready: Arc::new(|| true),
+        activity: Default::default(),
+    };
+    let s = Server::start_with_limits(reg, patient(), limits(1000, 1000, 0)).await;
+    let host = image
+        .reference
+        .split('/')
+        .next()
+        .unwrap()
+        .replace(':', "%3A");
+    let target = format!("/v2/test/big/blobs/{}?ns={host}", layer.digest);
+
+    let rss_before = rss_bytes();
+    const EXTRA: usize = 8;
+    let (mut ok, mut busy) = (Vec::new(), 0usize);
+    for _ in 0..MAX_CONTENT_STREAMS + EXTRA {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        let mut stream = socket.connect(s.addr).await.unwrap();
+        send(&mut stream, "GET", &target, &[]).await;
+        let (status, head) = read_head(&mut stream).await;
+        match status {
+            200 => ok.push(stream),
+            503 => {
+                assert!(String::from_utf8_lossy(&head).contains("Retry-After: 1"));
+                busy += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok.len(), busy), (MAX_CONTENT_STREAMS, EXTRA));
+    assert_eq!(store.open_streams(), MAX_CONTENT_STREAMS);
+    let grown = rss_bytes().saturating_sub(rss_before);
+    // A piece and its gRPC message per stream, plus generous slack for the runtime.
+    let bound = MAX_CONTENT_STREAMS as u64 * 3 * STREAM_PIECE + (48 << 20);
+    eprintln!(
+        "{MAX_CONTENT_STREAMS} held streams of {size} bytes: RSS grew by {} KiB (bound {} KiB)",
+        grown >> 10,
+        bound >> 10
+    );
+    assert!(grown < bound, "RSS grew by {grown} bytes (bound {bound})");
+
+    // Every held stream completes byte-exact once read.
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut stream in ok {
+        tasks.spawn(async move {
+            let mut body = vec![0u8; size as usize];
+            tokio::time::timeout(Duration::from_secs(120), stream.read_exact(&mut body))
+                .await
+                .expect("body timeout")
+                .unwrap();
+            drop(stream);
+            body
+        });
+    }
+    while let Some(body) = tasks.join_next().await {
+        let body = body.unwrap();
+        assert_eq!(body.len() as u64, size);
+        assert_eq!(Digest::sha256_of(&body).to_string(), layer.digest);
+    }
+    // Permits come back once the connections are done (bounded wait for the server tasks).
+    for _ in 0..100 {
+        if store.open_streams() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.open_streams(), 0);
+    let r = s
+        .request("GET", &target, &[("Range", "bytes=1000-2000")])
+        .await;
+    assert_eq!((r.status, r.body.len()), (206, 1001));
+    s.stop().await;
+}

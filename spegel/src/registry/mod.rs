@@ -313,6 +313,10 @@ impl Registry {
         }
         match self.body(&desc, content_range).await {
             Ok(body) => response.body(body),
+            Err(e) if e.is_busy() => {
+                debug!(%digest, error = %e, "blob stream refused");
+                Response::empty(503).header("Retry-After", "1")
+            }
             Err(e) => {
                 warn!(%digest, error = %e, "could not open blob");
                 unknown()

@@ -36,6 +36,14 @@ const MEDIA_TYPE_CACHE_LIMIT: usize = 200_000;
 /// nothing next to a content API read, so that is re-done on every open instead.
 const CONTENT_ROOT_ASK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Content-API streams open at once; more get [`StoreError::Busy`] (503 + `Retry-After`).
+/// With [`STREAM_PIECE`] this bounds what the streams buffer in total to about 16 MiB.
+pub const MAX_CONTENT_STREAMS: usize = 64;
+/// Bytes asked of the content API per read: a stream holds at most one piece (containerd
+/// answers a read in messages of up to 1 MiB, and gRPC buffers a whole message), and the next
+/// piece is asked for only once the client took the previous one (flow control).
+pub const STREAM_PIECE: u64 = 256 << 10;
+
 /// Connection settings for [`ContainerdStore`].
 #[derive(Debug, Clone)]
 pub struct ContainerdStoreConfig {
@@ -57,6 +65,8 @@ pub struct ContainerdStore {
     /// How to find the root while it is not usable yet.
     probe: Mutex<RootProbe>,
     media_types: Mutex<HashMap<Digest, String>>,
+    /// One permit per open content-API stream.
+    streams: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Re-probing state for a content directory that was not usable at start: a fresh node's
@@ -118,6 +128,7 @@ impl ContainerdStore {
                 ..RootProbe::default()
             }),
             media_types: Mutex::default(),
+            streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTENT_STREAMS)),
         };
         match store.probe_content_root().await {
             Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
@@ -275,29 +286,96 @@ impl ContainerdStore {
         Ok(Some(file))
     }
 
+    /// Content-API streams open now.
+    pub fn open_streams(&self) -> usize {
+        MAX_CONTENT_STREAMS - self.streams.available_permits()
+    }
+
+    /// Size of present content, from the content API.
+    async fn content_size(&self, digest: &Digest) -> Result<u64, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let info = client
+            .info(self.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+            .map_err(|s| status_to_error(&digest.to_string(), s))?
+            .into_inner()
+            .info
+            .ok_or_else(|| StoreError::NotFound(digest.to_string()))?;
+        u64::try_from(info.size)
+            .map_err(|_| StoreError::Invalid(format!("{digest} has negative size {}", info.size)))
+    }
+
+    /// `range` (or everything) through the content API, one [`STREAM_PIECE`] at a time.
     async fn read_stream(
         &self,
         digest: &Digest,
         range: Option<ContentRange>,
     ) -> Result<BoxStream<'static, std::io::Result<bytes::Bytes>>, StoreError> {
-        let (offset, size) = range
-            .map(|r| (r.start as i64, r.len() as i64))
-            .unwrap_or((0, 0));
-        let mut client = ContentClient::new(self.channel.clone());
-        let req = self.request(ReadContentRequest {
+        let permit =
+            self.streams.clone().try_acquire_owned().map_err(|_| {
+                StoreError::Busy(format!("{MAX_CONTENT_STREAMS} content streams open"))
+            })?;
+        let (start, end) = match range {
+            Some(r) => (r.start, r.end + 1),
+            None => (0, self.content_size(digest).await?),
+        };
+        struct Cursor {
+            client: ContentClient<Channel>,
+            namespace: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+            digest: String,
+            offset: u64,
+            end: u64,
+            // Released when the stream is dropped, finished or not.
+            _permit: tokio::sync::OwnedSemaphorePermit,
+        }
+        let cursor = Cursor {
+            client: ContentClient::new(self.channel.clone()),
+            namespace: self.namespace.parse().ok(),
             digest: digest.to_string(),
-            offset,
-            size,
+            offset: start,
+            end,
+            _permit: permit,
+        };
+        let stream = futures::stream::try_unfold(cursor, |mut c| async move {
+            if c.offset >= c.end {
+                return Ok(None);
+            }
+            let want = (c.end - c.offset).min(STREAM_PIECE);
+            let mut req = Request::new(ReadContentRequest {
+                digest: c.digest.clone(),
+                offset: c.offset as i64,
+                size: want as i64,
+            });
+            if let Some(ns) = &c.namespace {
+                req.metadata_mut()
+                    .insert("containerd-namespace", ns.clone());
+            }
+            let mut messages = c
+                .client
+                .read(req)
+                .await
+                .map_err(|s| std::io::Error::other(s.message().to_string()))?
+                .into_inner();
+            let mut piece = bytes::BytesMut::with_capacity(want as usize);
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|s| std::io::Error::other(s.message().to_string()))?;
+                if piece.len() + m.data.len() > want as usize {
+                    return Err(std::io::Error::other("content API sent more than asked"));
+                }
+                piece.extend_from_slice(&m.data);
+            }
+            if piece.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "content ended early",
+                ));
+            }
+            c.offset += piece.len() as u64;
+            Ok(Some((piece.freeze(), c)))
         });
-        let stream = client
-            .read(req)
-            .await
-            .map_err(|s| status_to_error(&digest.to_string(), s))?
-            .into_inner();
-        Ok(Box::pin(stream.map(|item| {
-            item.map(|r| bytes::Bytes::from(r.data))
-                .map_err(|s| std::io::Error::other(s.message().to_string()))
-        })))
+        Ok(Box::pin(stream))
     }
 
     async fn media_type_for(&self, digest: &Digest, size: u64) -> Result<String, StoreError> {
