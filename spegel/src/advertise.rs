@@ -452,6 +452,8 @@ impl Advertiser {
                 .or_default()
                 .extend(keys.digests.iter());
         }
+        // Registries of local images are known label values for request metrics too.
+        m.registry_labels.add_known(contents.keys().copied());
         m.advertised_image_tags.reset();
         m.advertised_image_digests.reset();
         m.advertised_content_digests.reset();

@@ -17,7 +17,7 @@ use crate::{
     advertise::Advertiser,
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
-    http::{self, Timeouts},
+    http::{self, Limits, Timeouts},
     mirror::{MirrorConfig, MirrorError, PeerMirror, selector_for},
     net::{AddrError, parse_listen_addr, split_host_port},
     oci::{FilterError, Filters},
@@ -160,6 +160,8 @@ pub struct AppConfig {
     pub visualize: bool,
     /// Connection timeouts of every listener (fixed).
     pub timeouts: Timeouts,
+    /// Connection limits, applied to the registry and the metrics listener separately.
+    pub limits: Limits,
 }
 
 impl AppConfig {
@@ -216,6 +218,13 @@ impl AppConfig {
             debug_web: args.debug_web_enabled,
             visualize: args.visualize_enabled,
             timeouts: Timeouts::default(),
+            limits: Limits {
+                max_connections: args.max_connections.max(1),
+                max_per_ip: args.max_connections_per_ip.max(1),
+                first_byte: args.connection_first_byte_timeout,
+                min_rate: args.min_transfer_rate,
+                ..Limits::default()
+            },
         })
     }
 }
@@ -411,6 +420,11 @@ impl App {
             },
         );
         let ready_router = router.clone();
+        if let Some(hosts) = config.filters.registries() {
+            crate::metrics::global()
+                .registry_labels
+                .add_known(hosts.iter().map(String::as_str));
+        }
         let registry = Registry {
             store,
             filters: config.filters,
@@ -433,16 +447,19 @@ impl App {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let timeouts = config.timeouts;
         let mut servers = vec![
-            tokio::spawn(http::serve(
+            // Each listener counts its own connections: a full registry port leaves metrics up.
+            tokio::spawn(http::serve_with(
                 registry_listener,
                 Arc::new(registry),
                 timeouts,
+                config.limits,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(http::serve(
+            tokio::spawn(http::serve_with(
                 metrics_listener,
                 Arc::new(admin),
                 timeouts,
+                config.limits,
                 shutdown_rx.clone(),
             )),
         ];

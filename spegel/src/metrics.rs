@@ -1,6 +1,9 @@
 //! Prometheus metrics, with the original's names and labels (§5).
 
-use std::sync::LazyLock;
+use std::{
+    collections::HashSet,
+    sync::{LazyLock, Mutex},
+};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -31,6 +34,9 @@ pub struct Metrics {
     /// `spegel_store_content_opens_total{path}`: content opened by data path,
     /// [`CONTENT_PATH_FILE`] or [`CONTENT_PATH_STREAM`] (not in the original).
     pub content_opens: IntCounterVec,
+    /// `spegel_store_content_rejected_total{reason}`: blob files refused because they are a
+    /// [`CONTENT_REJECTED_SYMLINK`] or [`CONTENT_REJECTED_NOT_REGULAR`] (not in the original).
+    pub content_rejected: IntCounterVec,
     /// `spegel_peer_rtt_seconds{peer}`: smoothed TCP RTT to a known peer's address.
     pub peer_rtt: GaugeVec,
     /// `spegel_peer_min_rtt_seconds{peer}`: minimum TCP RTT to a known peer's address.
@@ -43,12 +49,81 @@ pub struct Metrics {
     pub ebpf_enabled: IntGauge,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
+    /// `spegel_http_connections_refused_total{reason}`: connections closed by the connection
+    /// limits: `total`, `per_ip` (caps and reserve full) or `slow_reader` (not in the original).
+    pub http_connections_refused: IntCounterVec,
+    /// The values the `registry` label of request metrics may take.
+    pub registry_labels: RegistryLabels,
+}
+
+/// The `method` label of HTTP metrics: a fixed set, whatever method string the client sent.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        _ => "other",
+    }
+}
+
+/// `registry` label for a registry not admitted as a label value.
+pub const OTHER_REGISTRY: &str = "other";
+/// Registry names from requests admitted as label values beyond the known ones; the rest share
+/// [`OTHER_REGISTRY`], so a client sending endless `?ns=` values adds at most this many series.
+pub const MAX_REQUESTED_REGISTRY_LABELS: usize = 16;
+/// Longest registry name used as a label value (a host name with a port).
+const MAX_REGISTRY_LABEL_LEN: usize = 260;
+
+/// The bounded set of `registry` label values: registries the node knows (the
+/// `--mirrored-registries` allow-list, registries of local images) and the first
+/// [`MAX_REQUESTED_REGISTRY_LABELS`] other names requests carried.
+#[derive(Debug, Default)]
+pub struct RegistryLabels {
+    inner: Mutex<RegistryLabelSets>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryLabelSets {
+    known: HashSet<String>,
+    requested: HashSet<String>,
+}
+
+impl RegistryLabels {
+    /// Admits `registries` (from configuration or the local store, never from a client).
+    pub fn add_known<'a>(&self, registries: impl IntoIterator<Item = &'a str>) {
+        let mut sets = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for r in registries {
+            if r.len() <= MAX_REGISTRY_LABEL_LEN && !sets.known.contains(r) {
+                sets.known.insert(r.to_string());
+            }
+        }
+    }
+
+    /// The label value for `registry`, a name a client sent.
+    pub fn label(&self, registry: &str) -> String {
+        let mut sets = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if sets.known.contains(registry) || sets.requested.contains(registry) {
+            return registry.to_string();
+        }
+        if registry.len() <= MAX_REGISTRY_LABEL_LEN
+            && registry != OTHER_REGISTRY
+            && sets.requested.len() < MAX_REQUESTED_REGISTRY_LABELS
+        {
+            sets.requested.insert(registry.to_string());
+            return registry.to_string();
+        }
+        OTHER_REGISTRY.to_string()
+    }
 }
 
 /// `path` label: content read from containerd's content directory (bodies go out with sendfile).
 pub const CONTENT_PATH_FILE: &str = "file";
 /// `path` label: content streamed through containerd's content API (a userspace copy).
 pub const CONTENT_PATH_STREAM: &str = "stream";
+
+/// `reason` label: the blob file is a symbolic link.
+pub const CONTENT_REJECTED_SYMLINK: &str = "symlink";
+/// `reason` label: the blob file is neither a link nor a regular file (a FIFO, a directory).
+pub const CONTENT_REJECTED_NOT_REGULAR: &str = "not_regular";
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only reachable with a programming error in the static definitions below.
@@ -127,6 +202,13 @@ impl Metrics {
                 ),
                 &["path"],
             )),
+            content_rejected: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_store_content_rejected_total",
+                    "Blob files in the content directory refused (not served) because they are not regular files.",
+                ),
+                &["reason"],
+            )),
             peer_rtt: must(GaugeVec::new(
                 Opts::new(
                     "spegel_peer_rtt_seconds",
@@ -164,6 +246,14 @@ impl Metrics {
                 "Requests recorded for the visualize page.",
             )),
             registry,
+            http_connections_refused: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_http_connections_refused_total",
+                    "Connections closed by the connection limits: total or per_ip cap reached, or a slow_reader.",
+                ),
+                &["reason"],
+            )),
+            registry_labels: RegistryLabels::default(),
         };
         must(
             m.registry
@@ -197,6 +287,11 @@ impl Metrics {
                 .register(Box::new(m.http_requests_inflight.clone())),
         );
         must(m.registry.register(Box::new(m.content_opens.clone())));
+        must(m.registry.register(Box::new(m.content_rejected.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.http_connections_refused.clone())),
+        );
         must(m.registry.register(Box::new(m.peer_rtt.clone())));
         must(m.registry.register(Box::new(m.peer_min_rtt.clone())));
         must(
@@ -228,6 +323,27 @@ pub fn global() -> &'static Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_bounded() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("HEAD"), "HEAD");
+        for m in ["get", "POST", "BREW", &"X".repeat(10_000)] {
+            assert_eq!(method_label(m), "other");
+        }
+        let labels = RegistryLabels::default();
+        labels.add_known(["docker.io", "ghcr.io"]);
+        let mut values = HashSet::new();
+        for i in 0..1000 {
+            values.insert(labels.label(&format!("r{i}.example")));
+        }
+        values.insert(labels.label(&"a".repeat(10_000)));
+        assert_eq!(values.len(), MAX_REQUESTED_REGISTRY_LABELS + 1);
+        assert!(values.contains(OTHER_REGISTRY));
+        // Known registries keep their own value even once the requested slots are full.
+        assert_eq!(labels.label("ghcr.io"), "ghcr.io");
+        assert_eq!(labels.label("r0.example"), "r0.example");
+    }
 
     #[test]
     fn names_and_labels() {

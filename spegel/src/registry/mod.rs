@@ -48,6 +48,11 @@ pub fn handler_label(path: &str) -> &'static str {
     }
 }
 
+/// 405 for a method other than GET or HEAD on a route this pull-only registry serves.
+fn method_not_allowed() -> Response {
+    Response::empty(405).header("Allow", "GET, HEAD")
+}
+
 /// Why requested content is not in the local store.
 enum Missing {
     /// A tag that names no image here.
@@ -69,6 +74,10 @@ impl Handler for Registry {
     fn log_served(&self, label: &'static str) -> bool {
         label == "/v2/*"
     }
+
+    fn reserved(&self, req: &Request) -> bool {
+        matches!(req.path.as_str(), "/readyz" | "/livez")
+    }
 }
 
 impl Registry {
@@ -76,7 +85,12 @@ impl Registry {
     pub async fn handle(&self, req: &Request) -> Response {
         let head = req.is_head();
         if req.method != "GET" && !head {
-            return Response::empty(404);
+            // A pull-only registry: known routes name the methods they take (RFC 9110 §15.5.6).
+            return match req.path.as_str() {
+                "/readyz" | "/livez" | "/v2" => method_not_allowed(),
+                p if p.starts_with("/v2/") => method_not_allowed(),
+                _ => Response::empty(404),
+            };
         }
         match req.path.as_str() {
             "/readyz" => return Response::empty(if (self.ready)() { 200 } else { 500 }),
@@ -88,11 +102,13 @@ impl Registry {
         if let Some(auth) = &self.auth
             && !auth.verify(req.header("authorization"))
         {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
             return oci_error(
                 401,
                 OciError::new(ErrorCode::Unauthorized, "invalid credentials"),
                 head,
-            );
+            )
+            .header("WWW-Authenticate", r#"Basic realm="spegel""#);
         }
         if req.path == "/v2/" {
             return Response::empty(200);
@@ -110,9 +126,11 @@ impl Registry {
         let range = match (path.kind, req.header("range")) {
             (Kind::Blob, Some(h)) => match h.parse::<ByteRange>() {
                 Ok(r) => Some(r),
+                // RFC 9110 §14.2: a Range that is not one valid byte range is ignored (the
+                // whole body, 200); only an unsatisfiable one gets a 416, further down.
                 Err(e) => {
-                    debug!(range = h, error = %e, "unsupported range");
-                    return Response::empty(416);
+                    debug!(range = h, error = %e, "ignoring unsupported range");
+                    None
                 }
             },
             _ => None,
@@ -201,6 +219,7 @@ impl Registry {
         } else {
             "miss"
         };
+        let registry = m.registry_labels.label(&registry);
         m.mirror_requests_total
             .with_label_values(&[registry.as_str(), cache])
             .inc();
@@ -294,6 +313,10 @@ impl Registry {
         }
         match self.body(&desc, content_range).await {
             Ok(body) => response.body(body),
+            Err(e) if e.is_busy() => {
+                debug!(%digest, error = %e, "blob stream refused");
+                Response::empty(503).header("Retry-After", "1")
+            }
             Err(e) => {
                 warn!(%digest, error = %e, "could not open blob");
                 unknown()

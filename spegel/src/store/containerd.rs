@@ -36,6 +36,14 @@ const MEDIA_TYPE_CACHE_LIMIT: usize = 200_000;
 /// nothing next to a content API read, so that is re-done on every open instead.
 const CONTENT_ROOT_ASK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Content-API streams open at once; more get [`StoreError::Busy`] (503 + `Retry-After`).
+/// With [`STREAM_PIECE`] this bounds what the streams buffer in total to about 16 MiB.
+pub const MAX_CONTENT_STREAMS: usize = 64;
+/// Bytes asked of the content API per read: a stream holds at most one piece (containerd
+/// answers a read in messages of up to 1 MiB, and gRPC buffers a whole message), and the next
+/// piece is asked for only once the client took the previous one (flow control).
+pub const STREAM_PIECE: u64 = 256 << 10;
+
 /// Connection settings for [`ContainerdStore`].
 #[derive(Debug, Clone)]
 pub struct ContainerdStoreConfig {
@@ -57,6 +65,8 @@ pub struct ContainerdStore {
     /// How to find the root while it is not usable yet.
     probe: Mutex<RootProbe>,
     media_types: Mutex<HashMap<Digest, String>>,
+    /// One permit per open content-API stream.
+    streams: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Re-probing state for a content directory that was not usable at start: a fresh node's
@@ -73,6 +83,16 @@ struct RootProbe {
     warned: bool,
     /// Whether the startup probe is done, so a root found later is logged as it appears.
     started: bool,
+}
+
+/// Logs and counts a blob file that must not be served, and the error that answers it.
+fn reject(path: &Path, digest: &Digest, reason: &'static str) -> StoreError {
+    warn!(path = %path.display(), %digest, reason, "blob file is not a regular file, not serving it");
+    metrics::global()
+        .content_rejected
+        .with_label_values(&[reason])
+        .inc();
+    StoreError::Invalid(format!("{}: {reason}", path.display()))
 }
 
 fn status_to_error(what: &str, status: Status) -> StoreError {
@@ -108,6 +128,7 @@ impl ContainerdStore {
                 ..RootProbe::default()
             }),
             media_types: Mutex::default(),
+            streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTENT_STREAMS)),
         };
         match store.probe_content_root().await {
             Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
@@ -239,12 +260,19 @@ impl ContainerdStore {
         let path = self.blob_path(root, digest);
         let file = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            // O_NONBLOCK: opening a FIFO planted in place of a blob must not block the thread
+            // (it has no effect on regular files).
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound(digest.to_string()));
+            }
+            // A link in place of a blob: the content API would follow it and serve whatever
+            // it points at, so this digest is not served at all (containerd goes upstream).
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(reject(&path, digest, metrics::CONTENT_REJECTED_SYMLINK));
             }
             Err(e) => {
                 debug!(path = %path.display(), error = %e, "cannot open blob file, using the content API");
@@ -253,37 +281,101 @@ impl ContainerdStore {
         };
         let meta = file.metadata()?;
         if !meta.file_type().is_file() {
-            return Err(StoreError::Invalid(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(reject(&path, digest, metrics::CONTENT_REJECTED_NOT_REGULAR));
         }
         Ok(Some(file))
     }
 
+    /// Content-API streams open now.
+    pub fn open_streams(&self) -> usize {
+        MAX_CONTENT_STREAMS - self.streams.available_permits()
+    }
+
+    /// Size of present content, from the content API.
+    async fn content_size(&self, digest: &Digest) -> Result<u64, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let info = client
+            .info(self.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+            .map_err(|s| status_to_error(&digest.to_string(), s))?
+            .into_inner()
+            .info
+            .ok_or_else(|| StoreError::NotFound(digest.to_string()))?;
+        u64::try_from(info.size)
+            .map_err(|_| StoreError::Invalid(format!("{digest} has negative size {}", info.size)))
+    }
+
+    /// `range` (or everything) through the content API, one [`STREAM_PIECE`] at a time.
     async fn read_stream(
         &self,
         digest: &Digest,
         range: Option<ContentRange>,
     ) -> Result<BoxStream<'static, std::io::Result<bytes::Bytes>>, StoreError> {
-        let (offset, size) = range
-            .map(|r| (r.start as i64, r.len() as i64))
-            .unwrap_or((0, 0));
-        let mut client = ContentClient::new(self.channel.clone());
-        let req = self.request(ReadContentRequest {
+        let permit =
+            self.streams.clone().try_acquire_owned().map_err(|_| {
+                StoreError::Busy(format!("{MAX_CONTENT_STREAMS} content streams open"))
+            })?;
+        let (start, end) = match range {
+            Some(r) => (r.start, r.end + 1),
+            None => (0, self.content_size(digest).await?),
+        };
+        struct Cursor {
+            client: ContentClient<Channel>,
+            namespace: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+            digest: String,
+            offset: u64,
+            end: u64,
+            // Released when the stream is dropped, finished or not.
+            _permit: tokio::sync::OwnedSemaphorePermit,
+        }
+        let cursor = Cursor {
+            client: ContentClient::new(self.channel.clone()),
+            namespace: self.namespace.parse().ok(),
             digest: digest.to_string(),
-            offset,
-            size,
+            offset: start,
+            end,
+            _permit: permit,
+        };
+        let stream = futures::stream::try_unfold(cursor, |mut c| async move {
+            if c.offset >= c.end {
+                return Ok(None);
+            }
+            let want = (c.end - c.offset).min(STREAM_PIECE);
+            let mut req = Request::new(ReadContentRequest {
+                digest: c.digest.clone(),
+                offset: c.offset as i64,
+                size: want as i64,
+            });
+            if let Some(ns) = &c.namespace {
+                req.metadata_mut()
+                    .insert("containerd-namespace", ns.clone());
+            }
+            let mut messages = c
+                .client
+                .read(req)
+                .await
+                .map_err(|s| std::io::Error::other(s.message().to_string()))?
+                .into_inner();
+            let mut piece = bytes::BytesMut::with_capacity(want as usize);
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|s| std::io::Error::other(s.message().to_string()))?;
+                if piece.len() + m.data.len() > want as usize {
+                    return Err(std::io::Error::other("content API sent more than asked"));
+                }
+                piece.extend_from_slice(&m.data);
+            }
+            if piece.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "content ended early",
+                ));
+            }
+            c.offset += piece.len() as u64;
+            Ok(Some((piece.freeze(), c)))
         });
-        let stream = client
-            .read(req)
-            .await
-            .map_err(|s| status_to_error(&digest.to_string(), s))?
-            .into_inner();
-        Ok(Box::pin(stream.map(|item| {
-            item.map(|r| bytes::Bytes::from(r.data))
-                .map_err(|s| std::io::Error::other(s.message().to_string()))
-        })))
+        Ok(Box::pin(stream))
     }
 
     async fn media_type_for(&self, digest: &Digest, size: u64) -> Result<String, StoreError> {
@@ -521,6 +613,53 @@ mod tests {
             text.contains(r#"spegel_store_content_opens_total{path="file"}"#),
             "{text}"
         );
+    }
+
+    fn rejected(reason: &str) -> u64 {
+        metrics::global()
+            .content_rejected
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn links_and_special_files_in_place_of_blobs_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let store = ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.path().join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: dir.path().display().to_string(),
+        })
+        .await
+        .unwrap();
+        let same_size = dir.path().join("other");
+        std::fs::write(&same_size, b"other bytes").unwrap();
+        for (i, target) in [same_size.as_path(), Path::new("/etc/passwd")]
+            .into_iter()
+            .enumerate()
+        {
+            let digest = Digest::sha256_of(format!("layer {i}").as_bytes());
+            std::os::unix::fs::symlink(target, blobs.join(digest.hex())).unwrap();
+            let before = rejected(metrics::CONTENT_REJECTED_SYMLINK);
+            // Not Unavailable: the content API (which follows links) is never asked.
+            match store.open(&digest, None).await {
+                Err(StoreError::Invalid(_)) => {}
+                other => panic!("a link must be refused, got {other:?}"),
+            }
+            assert_eq!(rejected(metrics::CONTENT_REJECTED_SYMLINK), before + 1);
+        }
+        let fifo = Digest::sha256_of(b"fifo");
+        let path =
+            std::ffi::CString::new(blobs.join(fifo.hex()).as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let before = rejected(metrics::CONTENT_REJECTED_NOT_REGULAR);
+        let opened = tokio::time::timeout(Duration::from_secs(10), store.open(&fifo, None))
+            .await
+            .expect("opening a FIFO must not block");
+        assert!(matches!(opened, Err(StoreError::Invalid(_))), "{opened:?}");
+        assert_eq!(rejected(metrics::CONTENT_REJECTED_NOT_REGULAR), before + 1);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use futures::stream::BoxStream;
 
 use crate::oci::{ContentRange, Digest, Reference};
 
-pub use containerd::{ContainerdStore, ContainerdStoreConfig};
+pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
 pub use memory::MemoryStore;
 
 /// Size and media type of one piece of content.
@@ -82,6 +82,9 @@ pub enum StoreError {
     /// containerd could not be reached (not running, restarting).
     #[error("containerd unavailable: {0}")]
     Unavailable(String),
+    /// Too many content streams are open; the request may be retried shortly.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Content exists but is unusable (e.g. a file that is not a regular file).
     #[error("invalid content: {0}")]
     Invalid(String),
@@ -94,6 +97,11 @@ impl StoreError {
     /// Whether this error means the content simply is not here.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound(_))
+    }
+
+    /// Whether the store refused for lack of capacity (answer 503 with `Retry-After`).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
     }
 
     /// Whether the backend could not be reached, so nothing can be concluded about content.
