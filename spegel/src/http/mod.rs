@@ -14,6 +14,6 @@ pub mod server;
 mod writer;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use codec::{Body, MAX_HEAD, ReadError, Request, Response, read_request, reason};
+pub use codec::{Body, Growth, MAX_HEAD, ReadError, Request, Response, read_request, reason};
 pub use sendfile::sendfile_all;
 pub use server::{Handler, Timeouts, serve};
