@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::{
     admin::{Admin, AdminState},
-    advertise::Advertiser,
+    advertise::{Advertiser, InProgressAdvertiser},
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
     http::{self, Timeouts},
@@ -279,6 +279,7 @@ pub struct App {
     router: P2pRouter,
     router_task: JoinHandle<()>,
     advertise_task: JoinHandle<()>,
+    in_progress_task: JoinHandle<()>,
     upkeep_task: JoinHandle<()>,
     kernel: Option<Arc<KernelTelemetry>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
@@ -329,6 +330,9 @@ impl App {
         );
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
+        let in_progress_task = tokio::spawn(
+            InProgressAdvertiser::new(store.clone(), shared_router.clone()).run(),
+        );
 
         let mirror = PeerMirror::new(
             shared_router,
@@ -410,6 +414,7 @@ impl App {
             router,
             router_task,
             advertise_task,
+            in_progress_task,
             upkeep_task,
             kernel,
             servers,
@@ -432,6 +437,7 @@ impl App {
         // Tell peers first, so they stop routing to us while in-flight requests finish.
         self.router.shutdown().await;
         self.advertise_task.abort();
+        self.in_progress_task.abort();
         self.upkeep_task.abort();
         let _ = self.shutdown.send(true);
         for task in self.servers {

@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::{
     auth::BasicAuth,
-    http::{Body, Handler, Request, Response},
+    http::{Body, Growth, Handler, Request, Response},
     metrics,
     mirror::{Mirror, MirrorRequest},
     oci::{
@@ -42,6 +42,23 @@ pub fn handler_label(path: &str) -> &'static str {
         "/livez" => "/livez",
         p if p.starts_with("/v2") => "/v2/*",
         _ => "other",
+    }
+}
+
+/// Counts the bytes of a growing body as they are released to the socket.
+struct CountedGrowth<G> {
+    inner: G,
+    end: u64,
+}
+
+#[async_trait::async_trait]
+impl<G: Growth> Growth for CountedGrowth<G> {
+    async fn wait_beyond(&mut self, have: u64) -> std::io::Result<u64> {
+        let ready = self.inner.wait_beyond(have).await?.min(self.end);
+        metrics::global()
+            .in_progress_served_bytes
+            .inc_by(ready.saturating_sub(have));
+        Ok(ready)
     }
 }
 
@@ -119,6 +136,13 @@ impl Registry {
         let found = self.locate(&path).await;
         if !from_peer && found.is_err() {
             return self.forward(MirrorRequest { path, head, range }).await;
+        }
+        // Only a peer is served a blob still downloading: this node's own containerd asking for
+        // it would be asking for the bytes it is writing itself.
+        if let (Kind::Blob, Err(Missing::Digest(digest))) = (path.kind, &found)
+            && let Some(response) = self.in_progress(&path, digest, head, range).await
+        {
+            return response;
         }
         match path.kind {
             Kind::Manifest => self.manifest(&path, found, head).await,
@@ -258,6 +282,64 @@ impl Registry {
                 unknown()
             }
         }
+    }
+
+    /// A blob containerd is downloading right now, served as it grows; `None` when it is not
+    /// being downloaded or its size is unknown (the caller answers 404).
+    async fn in_progress(
+        &self,
+        path: &DistributionPath,
+        digest: &Digest,
+        head: bool,
+        range: Option<ByteRange>,
+    ) -> Option<Response> {
+        let outcome = |o: &str| {
+            metrics::global()
+                .in_progress_requests
+                .with_label_values(&[o])
+                .inc()
+        };
+        let growing = match self.store.open_in_progress(digest).await {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                outcome("unavailable");
+                return None;
+            }
+            Err(e) => {
+                warn!(%digest, error = %e, "could not open blob in progress");
+                outcome("unavailable");
+                return None;
+            }
+        };
+        let size = growing.size;
+        let content_range = match range.map(|r| r.resolve(size)).transpose() {
+            Ok(cr) => cr,
+            Err(_) => return Some(range_not_satisfiable(size)),
+        };
+        outcome("served");
+        // The media type of an ingest is not recorded; containerd does not check a blob's.
+        let response = content_response(ContentHead {
+            kind: Kind::Blob,
+            media_type: crate::oci::OCTET_STREAM,
+            size,
+            digest: &digest.to_string(),
+            namespace: &path.reference.registry,
+            range: content_range,
+        });
+        if head {
+            return Some(response);
+        }
+        let (offset, len) = content_range.map_or((0, size), |r| (r.start, r.len()));
+        debug!(%digest, offset, len, "serving blob in progress");
+        Some(response.body(Body::Growing {
+            file: growing.file,
+            offset,
+            len,
+            growth: Box::new(CountedGrowth {
+                inner: growing.growth,
+                end: offset + len,
+            }),
+        }))
     }
 
     /// The body for `range` (or everything) of the content `desc` describes.

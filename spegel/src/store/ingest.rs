@@ -238,13 +238,14 @@ impl Growth for IngestGrowth {
     }
 }
 
+/// Test helper: containerd's ingest layout, written by hand.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use super::*;
     use std::io::Write;
 
     /// A fake content store laid out as containerd's local store writes it.
-    pub(crate) struct FakeIngest {
+    pub struct FakeIngest {
         pub root: PathBuf,
         pub dir: PathBuf,
         pub data: std::fs::File,
@@ -290,6 +291,13 @@ mod tests {
             std::fs::remove_dir_all(&self.dir).unwrap();
         }
     }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeIngest;
+    use super::*;
 
     #[test]
     fn refs_name_their_digest() {
