@@ -1051,7 +1051,10 @@ mod tests {
             set(&[&key(&a.digest), &key(&b.digest)])
         );
         assert!(!adv.advertised().contains(&no_size.digest));
-        assert_eq!(metrics::global().in_progress_advertisements.get(), before + 2);
+        assert_eq!(
+            metrics::global().in_progress_advertisements.get(),
+            before + 2
+        );
         // Unchanged ingests are not advertised again (the router asserts it).
         adv.step().await;
         b.abort();

@@ -330,9 +330,8 @@ impl App {
         );
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
-        let in_progress_task = tokio::spawn(
-            InProgressAdvertiser::new(store.clone(), shared_router.clone()).run(),
-        );
+        let in_progress_task =
+            tokio::spawn(InProgressAdvertiser::new(store.clone(), shared_router.clone()).run());
 
         let mirror = PeerMirror::new(
             shared_router,

@@ -4,8 +4,7 @@ use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 /// Every metric the daemon exports.
@@ -240,12 +239,30 @@ impl Metrics {
         );
         must(m.registry.register(Box::new(m.peer_throughput.clone())));
         must(m.registry.register(Box::new(m.ebpf_enabled.clone())));
-        must(m.registry.register(Box::new(m.in_progress_advertised.clone())));
-        must(m.registry.register(Box::new(m.in_progress_advertisements.clone())));
-        must(m.registry.register(Box::new(m.in_progress_requests.clone())));
-        must(m.registry.register(Box::new(m.in_progress_served_bytes.clone())));
-        must(m.registry.register(Box::new(m.mirror_in_progress_providers.clone())));
-        must(m.registry.register(Box::new(m.mirror_digest_checks.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_advertised.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_advertisements.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_requests.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_served_bytes.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.mirror_in_progress_providers.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.mirror_digest_checks.clone())),
+        );
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));

@@ -124,7 +124,7 @@ mod tests {
         task.await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn in_progress_providers_are_released_after_the_grace() {
         let (_ctx, crx) = mpsc::channel::<Peer>(8);
         let (itx, irx) = mpsc::channel(8);

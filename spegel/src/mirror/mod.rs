@@ -264,17 +264,12 @@ impl PeerMirror {
         }
         // A whole blob is checked against the digest it was asked by before its last bytes go
         // out: the provider may have served it while still downloading it, unverified.
-        let check = request
-            .path
-            .reference
-            .digest
-            .clone()
-            .filter(|d| {
-                kind == Kind::Blob
-                    && start == 0
-                    && len == fetched.size
-                    && d.algorithm() == crate::oci::Algorithm::Sha256
-            });
+        let check = request.path.reference.digest.clone().filter(|d| {
+            kind == Kind::Blob
+                && start == 0
+                && len == fetched.size
+                && d.algorithm() == crate::oci::Algorithm::Sha256
+        });
         let body = ResumingBody::new(
             shared.clone(),
             pool,

@@ -37,7 +37,11 @@ pub(super) fn verified(
                     return Some((Ok(chunk), (stream, hasher, seen, false)));
                 }
                 let actual = hex::encode(hasher.finalize_reset());
-                let outcome = if actual == expected.hex() { "ok" } else { "mismatch" };
+                let outcome = if actual == expected.hex() {
+                    "ok"
+                } else {
+                    "mismatch"
+                };
                 metrics::global()
                     .mirror_digest_checks
                     .with_label_values(&[outcome])
@@ -81,10 +85,7 @@ mod tests {
     async fn matching_blob_passes_whole() {
         let content = b"0123456789";
         let out = run(content, Digest::sha256_of(content)).await;
-        let bytes: Vec<u8> = out
-            .into_iter()
-            .flat_map(|c| c.unwrap().to_vec())
-            .collect();
+        let bytes: Vec<u8> = out.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
         assert_eq!(bytes, content);
     }
 
@@ -93,7 +94,11 @@ mod tests {
         let content = b"0123456789";
         let out = run(content, Digest::sha256_of(b"something else")).await;
         assert_eq!(out.len(), 4);
-        let sent: usize = out.iter().filter_map(|c| c.as_ref().ok()).map(|c| c.len()).sum();
+        let sent: usize = out
+            .iter()
+            .filter_map(|c| c.as_ref().ok())
+            .map(|c| c.len())
+            .sum();
         assert_eq!(sent, 9, "every byte but the last chunk's");
         let err = out.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);

@@ -291,7 +291,6 @@ pub(crate) mod fake {
             std::fs::remove_dir_all(&self.dir).unwrap();
         }
     }
-
 }
 
 #[cfg(test)]
@@ -306,7 +305,10 @@ mod tests {
         assert_eq!(digest_of_ref(&format!("config-{d}")), Some(d.clone()));
         assert_eq!(digest_of_ref("layer-sha256:abc"), None);
         assert_eq!(digest_of_ref("no digest"), None);
-        assert_eq!(digest_of_ref(&format!("layer-{}", d.to_string().to_uppercase())), None);
+        assert_eq!(
+            digest_of_ref(&format!("layer-{}", d.to_string().to_uppercase())),
+            None
+        );
     }
 
     #[test]
