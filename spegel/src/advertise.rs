@@ -504,14 +504,15 @@ pub const IN_PROGRESS_POLL: Duration = Duration::from_millis(20);
 pub const IN_PROGRESS_LINGER: Duration = Duration::from_secs(60);
 
 /// Advertises blobs containerd is downloading (under [`in_progress_key`]) within one poll of
-/// their ingest appearing, and withdraws them when the ingest is abandoned (or a while after
-/// it is committed). Only ingests whose final size is known are advertised: the others cannot
-/// be served in progress.
+/// their ingest appearing, and withdraws them when the ingest is abandoned or stalls (or a
+/// while after it is committed). Only ingests whose final size is known are advertised: the
+/// others cannot be served in progress.
 pub struct InProgressAdvertiser {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     poll: Duration,
     linger: Duration,
+    stall: Duration,
     /// Advertised digests; `Some(t)` once committed: withdrawn at `t`.
     advertised: HashMap<Digest, Option<tokio::time::Instant>>,
 }
@@ -524,6 +525,7 @@ impl InProgressAdvertiser {
             router,
             poll: IN_PROGRESS_POLL,
             linger: IN_PROGRESS_LINGER,
+            stall: crate::store::ingest::DEFAULT_STALL,
             advertised: HashMap::new(),
         }
     }
@@ -531,6 +533,12 @@ impl InProgressAdvertiser {
     /// Sets how long a committed blob stays advertised as in progress.
     pub fn with_linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
+        self
+    }
+
+    /// Sets how long an ingest may add nothing before it is withdrawn (the store's stall bound).
+    pub fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
         self
     }
 
@@ -551,17 +559,25 @@ impl InProgressAdvertiser {
 
     /// One look at the ingests: advertise new ones, withdraw ended ones.
     pub async fn step(&mut self) {
-        let current: HashSet<Digest> = match self.store.in_progress().await {
-            Ok(ingests) => ingests
-                .into_iter()
-                .filter(|i| i.total.is_some())
-                .map(|i| i.digest)
-                .collect(),
+        let ingests = match self.store.in_progress().await {
+            Ok(ingests) => ingests,
             Err(e) => {
                 debug!(error = %e, "could not list ingests");
                 return;
             }
         };
+        // Servable ones; a quiet writer may have died with its containerd, leaving the
+        // directory behind: peers must not wait on it.
+        let current: HashSet<Digest> = ingests
+            .iter()
+            .filter(|i| i.total.is_some() && i.idle < self.stall)
+            .map(|i| i.digest.clone())
+            .collect();
+        let stalled: HashSet<&Digest> = ingests
+            .iter()
+            .filter(|i| !current.contains(&i.digest))
+            .map(|i| &i.digest)
+            .collect();
         let now = tokio::time::Instant::now();
         let fresh: Vec<Digest> = current
             .iter()
@@ -598,13 +614,21 @@ impl InProgressAdvertiser {
                 self.advertised.insert(digest, None);
                 continue;
             }
-            match state {
+            let reason = match state {
+                None if stalled.contains(&digest) => "stalled",
                 None if self.store.descriptor(&digest).await.is_ok() => {
                     self.advertised.insert(digest, Some(now + self.linger));
+                    continue;
                 }
-                Some(at) if now < at => {}
-                _ => gone.push(digest),
-            }
+                None => "abandoned",
+                Some(at) if now < at => continue,
+                Some(_) => "committed",
+            };
+            metrics::global()
+                .in_progress_withdrawals
+                .with_label_values(&[reason])
+                .inc();
+            gone.push(digest);
         }
         if !gone.is_empty() {
             let keys = gone
@@ -1062,5 +1086,32 @@ mod tests {
         adv.step().await;
         assert!(router.keys.lock().unwrap().is_empty());
         assert!(adv.advertised().is_empty());
+
+        // A writer that goes quiet (its containerd died, the directory stays) is withdrawn,
+        // and advertised again when it writes again.
+        let withdrawn = |reason: &str| {
+            metrics::global()
+                .in_progress_withdrawals
+                .with_label_values(&[reason])
+                .get()
+        };
+        let stalled_before = withdrawn("stalled");
+        let mut c = FakeIngest::start(&root, b"layer c", Some(7));
+        c.write(b"la");
+        adv.step().await;
+        assert_eq!(*router.keys.lock().unwrap(), set(&[&key(&c.digest)]));
+        let quiet = std::time::SystemTime::now() - crate::store::ingest::DEFAULT_STALL * 2;
+        c.data.set_modified(quiet).unwrap();
+        adv.step().await;
+        assert!(router.keys.lock().unwrap().is_empty());
+        assert_eq!(withdrawn("stalled"), stalled_before + 1);
+        adv.step().await;
+        assert!(
+            router.keys.lock().unwrap().is_empty(),
+            "a quiet ingest is not advertised"
+        );
+        c.write(b"y");
+        adv.step().await;
+        assert_eq!(*router.keys.lock().unwrap(), set(&[&key(&c.digest)]));
     }
 }

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub in_progress_advertised: IntGauge,
     /// `spegel_in_progress_advertisements_total`: in-progress advertisements started.
     pub in_progress_advertisements: IntCounter,
+    /// `spegel_in_progress_withdrawals_total{reason}`: in-progress advertisements withdrawn,
+    /// `reason` = committed (after the linger)|abandoned (ingest removed)|stalled (no writes for
+    /// the stall bound).
+    pub in_progress_withdrawals: IntCounterVec,
     /// `spegel_in_progress_requests_total{outcome}`: peer requests for a blob this node is
     /// downloading, `outcome` = served|unavailable.
     pub in_progress_requests: IntCounterVec,
@@ -55,6 +59,8 @@ pub struct Metrics {
     /// `spegel_mirror_digest_checks_total{outcome}`: whole blobs forwarded from peers whose
     /// digest was checked before their last bytes were released, `outcome` = ok|mismatch.
     pub mirror_digest_checks: IntCounterVec,
+    /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
+    pub visualize_events_total: IntCounter,
 }
 
 /// `path` label: content read from containerd's content directory (bodies go out with sendfile).
@@ -175,6 +181,13 @@ impl Metrics {
                 "spegel_in_progress_advertisements_total",
                 "In-progress blob advertisements started.",
             )),
+            in_progress_withdrawals: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_in_progress_withdrawals_total",
+                    "In-progress blob advertisements withdrawn, by reason.",
+                ),
+                &["reason"],
+            )),
             in_progress_requests: must(IntCounterVec::new(
                 Opts::new(
                     "spegel_in_progress_requests_total",
@@ -201,8 +214,16 @@ impl Metrics {
                 "spegel_ebpf_enabled",
                 "Whether the eBPF telemetry probes are loaded (1) or not (0).",
             )),
+            visualize_events_total: must(IntCounter::new(
+                "spegel_visualize_events_total",
+                "Requests recorded for the visualize page.",
+            )),
             registry,
         };
+        must(
+            m.registry
+                .register(Box::new(m.visualize_events_total.clone())),
+        );
         must(
             m.registry
                 .register(Box::new(m.mirror_requests_total.clone())),
@@ -250,6 +271,10 @@ impl Metrics {
         must(
             m.registry
                 .register(Box::new(m.in_progress_requests.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_withdrawals.clone())),
         );
         must(
             m.registry

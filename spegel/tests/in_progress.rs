@@ -97,6 +97,7 @@ impl Server {
             mirror: None,
             auth: None,
             ready: Arc::new(|| true),
+            activity: Default::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

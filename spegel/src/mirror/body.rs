@@ -53,6 +53,18 @@ pub struct ResumingBody {
     pub(super) done: bool,
     /// Bytes read from the current peer since the instant, for its throughput.
     pub(super) segment: (Instant, u64),
+    /// Recorded for `/visualize` when the body ends or is dropped.
+    pub(super) record: Option<super::OutRecord>,
+    pub(super) failed: bool,
+}
+
+impl Drop for ResumingBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            let broken = self.failed || self.sent < self.len;
+            r.finish(self.sent, self.resumes > 0, broken);
+        }
+    }
 }
 
 impl ResumingBody {
@@ -67,6 +79,7 @@ impl ResumingBody {
         len: u64,
         resumable: bool,
         deadline: Option<tokio::time::Instant>,
+        record: Option<super::OutRecord>,
     ) -> Self {
         ResumingBody {
             shared,
@@ -84,6 +97,8 @@ impl ResumingBody {
             resumes: 0,
             done: false,
             segment: (Instant::now(), 0),
+            record,
+            failed: false,
         }
     }
 
@@ -151,6 +166,7 @@ impl ResumingBody {
             }
             if !self.resumable || self.resumes >= self.shared.config.max_resumes {
                 self.done = true;
+                self.failed = true;
                 return Some(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -179,6 +195,7 @@ impl ResumingBody {
                 }
                 Err(e) => {
                     self.done = true;
+                    self.failed = true;
                     return Some(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("resuming at byte {from} failed: {e:?}"),

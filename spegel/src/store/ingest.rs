@@ -6,22 +6,27 @@
 //! `blobs/<alg>/<hex>` and removes the directory; an abort removes the directory.
 //!
 //! The ingest is found by polling the directory (a `readdir` and small reads, cheap next to a
-//! pull); a body being served polls its file with `fstat`.
+//! pull); a body being served polls its file with `fstat`. A writer that added nothing for the
+//! stall bound is treated as gone (its containerd or its client may have died, leaving the
+//! directory behind): it is neither served nor advertised until it grows again.
 
 use std::{
     collections::HashMap,
     io,
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{http::Growth, oci::Digest};
 
 /// How often a growing body looks at its file when it has caught up with the writer.
 pub const GROWTH_POLL: Duration = Duration::from_millis(5);
-/// Default bound on a writer that adds nothing: the body is cut after this long.
-pub const DEFAULT_STALL: Duration = Duration::from_secs(10);
+/// Default bound on a writer that adds nothing: the body is cut after this long, and an ingest
+/// idle this long is no longer served or advertised. Short, because a cut costs little: the
+/// requester resumes from another provider, or its containerd re-requests the rest by range and
+/// falls back upstream.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(3);
 /// Largest `ref` or `total` file read (containerd's are a few dozen bytes).
 const MAX_SMALL_FILE: u64 = 4096;
 
@@ -34,6 +39,8 @@ pub struct Ingest {
     pub total: Option<u64>,
     /// Bytes written so far.
     pub written: u64,
+    /// Time since `data` was last written.
+    pub idle: Duration,
 }
 
 /// The digest a writer ref names: the last `sha256:<64 hex>` in it.
@@ -66,11 +73,17 @@ fn inspect(dir: &Path) -> Option<(Ingest, PathBuf)> {
         return None;
     }
     let total = read_small(&dir.join("total")).and_then(|t| t.trim().parse::<u64>().ok());
+    let idle = meta
+        .modified()
+        .ok()
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .unwrap_or_default();
     Some((
         Ingest {
             digest,
             total: total.filter(|t| *t > 0),
             written: meta.len(),
+            idle,
         },
         data,
     ))
@@ -126,6 +139,10 @@ pub fn open_growing(
     let Some(size) = ingest.total else {
         return Ok(None);
     };
+    // A writer quiet for the stall bound may be dead: serving it would only stall the peer.
+    if ingest.idle >= stall {
+        return Ok(None);
+    }
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -324,20 +341,14 @@ mod tests {
         std::fs::write(dir.path().join("ingest/other/data"), "x").unwrap();
         let mut found = scan(dir.path());
         found.sort_by_key(|i| i.total);
+        assert!(found.iter().all(|i| i.idle < DEFAULT_STALL));
+        let found: Vec<_> = found
+            .into_iter()
+            .map(|i| (i.digest, i.total, i.written))
+            .collect();
         assert_eq!(
             found,
-            vec![
-                Ingest {
-                    digest: b.digest.clone(),
-                    total: None,
-                    written: 0
-                },
-                Ingest {
-                    digest: a.digest.clone(),
-                    total: Some(4),
-                    written: 2
-                },
-            ]
+            vec![(b.digest.clone(), None, 0), (a.digest.clone(), Some(4), 2),]
         );
         // Unknown size: never served in progress.
         assert!(
@@ -404,5 +415,34 @@ mod tests {
         // A file longer than its declared size is not that content.
         again.write(b"defg");
         assert!(g.growth.wait_beyond(3).await.is_err());
+    }
+
+    #[test]
+    fn quiet_writers_are_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ingest = FakeIngest::start(dir.path(), b"abcdef", Some(6));
+        ingest.write(b"ab");
+        // As if the last write was a minute ago (its containerd died since).
+        let then = SystemTime::now() - Duration::from_secs(60);
+        ingest.data.set_modified(then).unwrap();
+        let found = scan(dir.path());
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0].idle >= Duration::from_secs(59),
+            "{:?}",
+            found[0].idle
+        );
+        assert!(
+            open_growing(dir.path(), &ingest.digest, DEFAULT_STALL)
+                .unwrap()
+                .is_none()
+        );
+        // Writing again makes it servable again.
+        ingest.write(b"c");
+        assert!(
+            open_growing(dir.path(), &ingest.digest, DEFAULT_STALL)
+                .unwrap()
+                .is_some()
+        );
     }
 }
