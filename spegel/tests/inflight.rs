@@ -261,6 +261,16 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
         ),
         started.elapsed()
     );
+    for k in 1..=3 {
+        let log = std::fs::read_to_string(cluster.daemon_log(k)).unwrap_or_default();
+        for line in log.lines().filter(|l| {
+            ["in progress", "copying of blob", "resuming body", "digest"]
+                .iter()
+                .any(|w| l.contains(w))
+        }) {
+            eprintln!("node {k}: {line}");
+        }
+    }
     // Node 1's partial copy plus at most one more each for nodes 2 and 3.
     assert!(copies < 3.0, "upstream sent {copies:.2} copies");
     Ok(())
