@@ -422,6 +422,7 @@ impl App {
             // A lone node serves its own content but is not ready (§3.5).
             ready: Arc::new(move || ready_router.ready()),
             activity,
+            searching: Default::default(),
         };
         let admin = Admin::new(
             AdminState {

@@ -50,7 +50,8 @@ pub struct Metrics {
     /// the stall bound).
     pub in_progress_withdrawals: IntCounterVec,
     /// `spegel_in_progress_requests_total{outcome}`: peer requests for a blob this node is
-    /// downloading, `outcome` = served|unavailable.
+    /// downloading, `outcome` = served|unavailable|searching (this node is itself still looking
+    /// for a provider of it).
     pub in_progress_requests: IntCounterVec,
     /// `spegel_in_progress_served_bytes_total`: bytes of blobs served while still downloading.
     pub in_progress_served_bytes: IntCounter,

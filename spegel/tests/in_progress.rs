@@ -12,8 +12,9 @@ use std::{
 };
 
 use spegel::{
-    http::{self, Timeouts},
+    http::{self, Response, Timeouts},
     metrics,
+    mirror::{Mirror, MirrorRequest},
     oci::{Digest, Filters},
     registry::Registry,
     store::{ContainerdStore, ContainerdStoreConfig},
@@ -21,7 +22,7 @@ use spegel::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 /// An ingest as containerd's local content store lays it out.
@@ -80,6 +81,10 @@ struct Server {
 
 impl Server {
     async fn start(stall: Duration) -> Server {
+        Server::start_with(stall, None).await
+    }
+
+    async fn start_with(stall: Duration, mirror: Option<Arc<dyn Mirror>>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("content");
         std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
@@ -94,10 +99,11 @@ impl Server {
         let registry = Registry {
             store: Arc::new(store),
             filters: Filters::new(&[], &[]).unwrap(),
-            mirror: None,
+            mirror,
             auth: None,
             ready: Arc::new(|| true),
             activity: Default::default(),
+            searching: Default::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -324,5 +330,62 @@ async fn stalled_unsized_and_local_requests() {
     unsized_ingest.write(&other[..100]);
     let (status, _, _) = s.get(&unsized_ingest.digest, None, false).await;
     assert_eq!(status, 404);
+    s.stop();
+}
+
+/// A mirror still looking for a provider: it says when a forward starts and answers 404 once
+/// released.
+struct SearchingMirror {
+    entered: mpsc::UnboundedSender<()>,
+    release: watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Mirror for SearchingMirror {
+    async fn forward(&self, _request: MirrorRequest) -> Response {
+        let _ = self.entered.send(());
+        let mut release = self.release.clone();
+        let _ = release.wait_for(|r| *r).await;
+        Response::empty(404)
+    }
+}
+
+/// Two nodes missing a blob at once both have an (empty) ingest and both look for a provider:
+/// neither may serve its ingest to the other while searching, or each would wait on the other.
+#[tokio::test]
+async fn a_node_still_searching_does_not_serve_its_ingest() {
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    let (release, release_rx) = watch::channel(false);
+    let mirror = SearchingMirror {
+        entered: entered_tx,
+        release: release_rx,
+    };
+    let s = Server::start_with(Duration::from_secs(10), Some(Arc::new(mirror))).await;
+    let body = content(1000);
+    let mut ingest = Ingest::start(&s.root, &body, Some(body.len()));
+    let searching = || {
+        metrics::global()
+            .in_progress_requests
+            .with_label_values(&["searching"])
+            .get()
+    };
+    let before = searching();
+    let (local, peer) = tokio::join!(s.get(&ingest.digest, None, true), async {
+        entered.recv().await.unwrap();
+        let refused = s.get(&ingest.digest, None, false).await;
+        release.send(true).unwrap();
+        refused
+    });
+    assert_eq!(local.0, 404);
+    assert_eq!(
+        peer.0, 404,
+        "served an ingest while still searching for its blob"
+    );
+    assert_eq!(searching(), before + 1);
+    // The search is over (this node goes upstream now): the ingest is served as it grows.
+    ingest.write(&body);
+    let (status, len, got) = s.get(&ingest.digest, None, false).await;
+    assert_eq!((status, len), (200, body.len()));
+    assert_eq!(got, body);
     s.stop();
 }

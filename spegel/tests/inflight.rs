@@ -43,7 +43,11 @@ fn metric(cluster: &Cluster, node: usize, name: &str) -> f64 {
 }
 
 fn total(cluster: &Cluster, name: &str) -> f64 {
-    (1..=cluster.len()).map(|k| metric(cluster, k, name)).sum()
+    // `+ 0.0`: an empty f64 sum is -0.0.
+    (1..=cluster.len())
+        .map(|k| metric(cluster, k, name))
+        .sum::<f64>()
+        + 0.0
 }
 
 fn upstream_tx(cluster: &Cluster) -> u64 {
@@ -167,6 +171,7 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     };
     let shared = cluster.push(&spec(31))?;
     let abandoned = cluster.push(&spec(32))?;
+    let together = cluster.push(&spec(33))?;
     for k in 1..=3 {
         cluster.start_daemon(k)?;
     }
@@ -226,6 +231,35 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
         0.0
     );
 
+    // All three at once: each creates its ingest before asking its mirror, so each sees the
+    // others in progress while still searching itself. None may wait on another's empty
+    // ingest (they would all stall until the bound and be withdrawn as stalled).
+    let stalled = |c: &Cluster| {
+        total(
+            c,
+            "spegel_in_progress_withdrawals_total{reason=\"stalled\"}",
+        )
+    };
+    let stalled_before = stalled(&cluster);
+    let tx_before = upstream_tx(&cluster);
+    let pulls = [1, 2, 3].map(|k| (k, spawn_pull(&cluster, k, &together.reference)));
+    for (k, pull) in pulls {
+        assert!(joined(k, pull).status.success(), "node {k} pull failed");
+    }
+    for k in 1..=3 {
+        assert_has_all(&cluster, k, &together);
+    }
+    let copies = (upstream_tx(&cluster) - tx_before) as f64 / LAYER as f64;
+    eprintln!(
+        "together: upstream sent {copies:.2} copies of the layer; refused while searching {}",
+        total(
+            &cluster,
+            "spegel_in_progress_requests_total{outcome=\"searching\"}"
+        )
+    );
+    assert_eq!(stalled(&cluster), stalled_before, "an ingest stalled");
+    assert!(copies < 3.05, "upstream sent {copies:.2} copies");
+
     // The same with node 1's containerd stopped mid-way: its ingest stops growing, its daemon
     // withdraws it, and nodes 2 and 3 finish from each other or upstream.
     let tx_before = upstream_tx(&cluster);
@@ -271,6 +305,18 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
             eprintln!("node {k}: {line}");
         }
     }
+    // Node 1's ingest stopped growing (its directory stays) and is withdrawn for it.
+    bench::process::wait_for(
+        "node 1's stalled ingest withdrawn",
+        Duration::from_secs(30),
+        || {
+            metric(
+                &cluster,
+                1,
+                "spegel_in_progress_withdrawals_total{reason=\"stalled\"}",
+            ) >= 1.0
+        },
+    )?;
     // Node 1's partial copy plus at most one more each for nodes 2 and 3.
     assert!(copies < 3.0, "upstream sent {copies:.2} copies");
     Ok(())

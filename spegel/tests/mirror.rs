@@ -259,6 +259,7 @@ async fn registry_server(
             auth,
             ready: Arc::new(|| true),
             activity: Default::default(),
+            searching: Default::default(),
         },
         log: log.clone(),
     };

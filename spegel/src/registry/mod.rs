@@ -2,7 +2,10 @@
 //! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
 //! is given; the HTTP server around it is [`crate::http`].
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use tracing::{debug, warn};
 
@@ -36,6 +39,57 @@ pub struct Registry {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Record of requests for `/visualize` (disabled by default: records nothing).
     pub activity: Activity,
+    /// Blobs this node's containerd is asking peers for right now.
+    pub searching: Searching,
+}
+
+/// Blobs whose forward to peers has not yet found a provider. containerd creates a blob's
+/// ingest before it asks the mirror, so such an ingest is advertised while its node is itself
+/// still looking for a source: serving it would let two nodes that miss the same blob at the
+/// same moment wait on each other's empty ingest until the stall bound. A node refuses to serve
+/// in progress what it is still searching for; the asker then tries other providers or goes
+/// upstream at once.
+#[derive(Debug, Default)]
+pub struct Searching(Mutex<HashMap<Digest, usize>>);
+
+impl Searching {
+    fn contains(&self, digest: &Digest) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(digest)
+    }
+
+    fn enter(&self, digest: Digest) -> SearchGuard<'_> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_default() += 1;
+        SearchGuard {
+            searching: self,
+            digest,
+        }
+    }
+}
+
+/// Ends a search when dropped (also when the request is cancelled).
+struct SearchGuard<'a> {
+    searching: &'a Searching,
+    digest: Digest,
+}
+
+impl Drop for SearchGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.searching.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// Metrics label for a request path.
@@ -149,6 +203,14 @@ impl Registry {
         // One store lookup per request; the descriptor found is what the response describes.
         let found = self.locate(&path).await;
         let (response, outcome) = if !from_peer && found.is_err() {
+            // The forward returns once a provider answered (or none did): only that phase is
+            // a search; the body then streams from a real source.
+            let _searching = match (path.kind, &found) {
+                (Kind::Blob, Err(Missing::Digest(digest))) => {
+                    Some(self.searching.enter(digest.clone()))
+                }
+                _ => None,
+            };
             let request = MirrorRequest {
                 path: path.clone(),
                 head,
@@ -342,6 +404,10 @@ impl Registry {
                 .with_label_values(&[o])
                 .inc()
         };
+        if self.searching.contains(digest) {
+            outcome("searching");
+            return None;
+        }
         let growing = match self.store.open_in_progress(digest).await {
             Ok(Some(g)) => g,
             Ok(None) => {
