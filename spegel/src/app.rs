@@ -14,7 +14,7 @@ use crate::{
         Admin, AdminState,
         ui::{AdminUi, UiConfig, UiSources},
     },
-    advertise::Advertiser,
+    advertise::{Advertiser, InProgressAdvertiser},
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
     http::{self, Limits, Timeouts},
@@ -309,6 +309,7 @@ pub struct App {
     router: P2pRouter,
     router_task: JoinHandle<()>,
     advertise_task: JoinHandle<()>,
+    in_progress_task: JoinHandle<()>,
     upkeep_task: JoinHandle<()>,
     kernel: Option<Arc<KernelTelemetry>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
@@ -359,6 +360,8 @@ impl App {
         );
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
+        let in_progress_task =
+            tokio::spawn(InProgressAdvertiser::new(store.clone(), shared_router.clone()).run());
 
         // Off by default: a disabled record costs one branch per request.
         let activity = if config.visualize {
@@ -433,6 +436,7 @@ impl App {
             // A lone node serves its own content but is not ready (§3.5).
             ready: Arc::new(move || ready_router.ready()),
             activity,
+            searching: Default::default(),
         };
         let admin = Admin::new(
             AdminState {
@@ -478,6 +482,7 @@ impl App {
             router,
             router_task,
             advertise_task,
+            in_progress_task,
             upkeep_task,
             kernel,
             servers,
@@ -500,6 +505,7 @@ impl App {
         // Tell peers first, so they stop routing to us while in-flight requests finish.
         self.router.shutdown().await;
         self.advertise_task.abort();
+        self.in_progress_task.abort();
         self.upkeep_task.abort();
         let _ = self.shutdown.send(true);
         for task in self.servers {

@@ -47,6 +47,25 @@ pub struct Metrics {
     pub peer_throughput: GaugeVec,
     /// `spegel_ebpf_enabled`: 1 when the kernel probes are loaded, else 0.
     pub ebpf_enabled: IntGauge,
+    /// `spegel_in_progress_advertised_digests`: blobs advertised while containerd downloads them.
+    pub in_progress_advertised: IntGauge,
+    /// `spegel_in_progress_advertisements_total`: in-progress advertisements started.
+    pub in_progress_advertisements: IntCounter,
+    /// `spegel_in_progress_withdrawals_total{reason}`: in-progress advertisements withdrawn,
+    /// `reason` = committed (after the linger)|abandoned (ingest removed)|stalled (no writes for
+    /// the stall bound).
+    pub in_progress_withdrawals: IntCounterVec,
+    /// `spegel_in_progress_requests_total{outcome}`: peer requests for a blob this node is
+    /// downloading, `outcome` = served|unavailable|searching (this node is itself still looking
+    /// for a provider of it).
+    pub in_progress_requests: IntCounterVec,
+    /// `spegel_in_progress_served_bytes_total`: bytes of blobs served while still downloading.
+    pub in_progress_served_bytes: IntCounter,
+    /// `spegel_mirror_in_progress_providers_total`: providers found only under the in-progress key.
+    pub mirror_in_progress_providers: IntCounter,
+    /// `spegel_mirror_digest_checks_total{outcome}`: whole blobs forwarded from peers whose
+    /// digest was checked before their last bytes were released, `outcome` = ok|mismatch.
+    pub mirror_digest_checks: IntCounterVec,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
     /// `spegel_http_connections_refused_total{reason}`: connections closed by the connection
@@ -237,6 +256,43 @@ impl Metrics {
                 ),
                 &["peer"],
             )),
+            in_progress_advertised: must(IntGauge::new(
+                "spegel_in_progress_advertised_digests",
+                "Blobs advertised while containerd is still downloading them.",
+            )),
+            in_progress_advertisements: must(IntCounter::new(
+                "spegel_in_progress_advertisements_total",
+                "In-progress blob advertisements started.",
+            )),
+            in_progress_withdrawals: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_in_progress_withdrawals_total",
+                    "In-progress blob advertisements withdrawn, by reason.",
+                ),
+                &["reason"],
+            )),
+            in_progress_requests: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_in_progress_requests_total",
+                    "Peer requests for a blob this node is still downloading.",
+                ),
+                &["outcome"],
+            )),
+            in_progress_served_bytes: must(IntCounter::new(
+                "spegel_in_progress_served_bytes_total",
+                "Bytes of blobs served to peers while still downloading.",
+            )),
+            mirror_in_progress_providers: must(IntCounter::new(
+                "spegel_mirror_in_progress_providers_total",
+                "Providers found only under the in-progress key of a blob.",
+            )),
+            mirror_digest_checks: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_mirror_digest_checks_total",
+                    "Whole blobs forwarded from peers whose digest was checked.",
+                ),
+                &["outcome"],
+            )),
             ebpf_enabled: must(IntGauge::new(
                 "spegel_ebpf_enabled",
                 "Whether the eBPF telemetry probes are loaded (1) or not (0).",
@@ -300,6 +356,34 @@ impl Metrics {
         );
         must(m.registry.register(Box::new(m.peer_throughput.clone())));
         must(m.registry.register(Box::new(m.ebpf_enabled.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_advertised.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_advertisements.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_requests.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_withdrawals.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.in_progress_served_bytes.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.mirror_in_progress_providers.clone())),
+        );
+        must(
+            m.registry
+                .register(Box::new(m.mirror_digest_checks.clone())),
+        );
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));

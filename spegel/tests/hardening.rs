@@ -175,6 +175,7 @@ fn registry(f: &Fixture) -> Registry {
         auth: None,
         ready: Arc::new(|| true),
         activity: Default::default(),
+        searching: Default::default(),
     }
 }
 
@@ -608,6 +609,7 @@ async fn content_api_streams_are_bounded() {
         auth: None,
         ready: Arc::new(|| true),
         activity: Default::default(),
+        searching: Default::default(),
     };
     let s = Server::start_with_limits(reg, patient(), limits(1000, 1000, 0)).await;
     let host = image

@@ -179,6 +179,7 @@ fn registry(f: &Fixture) -> Registry {
         auth: None,
         ready: Arc::new(|| false),
         activity: Default::default(),
+        searching: Default::default(),
     }
 }
 

@@ -7,8 +7,10 @@ mod body;
 mod client;
 mod cost;
 mod hedger;
+mod lookup;
 mod race;
 mod selector;
+mod verify;
 
 use std::{sync::Arc, time::Duration};
 
@@ -227,10 +229,16 @@ impl PeerMirror {
         let not_found = |attempts: usize, message: &str| {
             not_found_anywhere(kind, &key, attempts, message, head)
         };
-        let lookup = match shared
-            .router
-            .lookup(&key, shared.config.resolve_retries.max(1))
-            .await
+        // A blob is also looked up among the nodes still downloading it (complete ones first);
+        // their grace stays under the race's idle wait so it cannot make the race give up.
+        let lookup = match lookup::lookup(
+            &shared.router,
+            &key,
+            shared.config.resolve_retries.max(1),
+            kind == Kind::Blob,
+            shared.config.resolve_timeout / 2,
+        )
+        .await
         {
             Ok(rx) => rx,
             Err(e) => {
@@ -303,6 +311,14 @@ impl PeerMirror {
             }
             return response;
         }
+        // A whole blob is checked against the digest it was asked by before its last bytes go
+        // out: the provider may have served it while still downloading it, unverified.
+        let check = request.path.reference.digest.clone().filter(|d| {
+            kind == Kind::Blob
+                && start == 0
+                && len == fetched.size
+                && d.algorithm() == crate::oci::Algorithm::Sha256
+        });
         let body = ResumingBody::new(
             shared.clone(),
             pool,
@@ -318,10 +334,11 @@ impl PeerMirror {
             deadline,
             record,
         );
-        response.body(Body::Stream {
-            stream: body.into_stream(),
-            len,
-        })
+        let mut stream = body.into_stream();
+        if let Some(digest) = check {
+            stream = verify::verified(stream, digest, len);
+        }
+        response.body(Body::Stream { stream, len })
     }
 }
 

@@ -2,14 +2,17 @@
 //! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
 //! is given; the HTTP server around it is [`crate::http`].
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use tracing::{debug, warn};
 
 use crate::{
     activity::{self, Activity, Direction, Event, Outcome},
     auth::BasicAuth,
-    http::{Body, Handler, Request, Response},
+    http::{Body, Growth, Handler, Request, Response},
     metrics,
     mirror::{Mirror, MirrorRequest},
     oci::{
@@ -36,6 +39,57 @@ pub struct Registry {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Record of requests for `/visualize` (disabled by default: records nothing).
     pub activity: Activity,
+    /// Blobs this node's containerd is asking peers for right now.
+    pub searching: Searching,
+}
+
+/// Blobs whose forward to peers has not yet found a provider. containerd creates a blob's
+/// ingest before it asks the mirror, so such an ingest is advertised while its node is itself
+/// still looking for a source: serving it would let two nodes that miss the same blob at the
+/// same moment wait on each other's empty ingest until the stall bound. A node refuses to serve
+/// in progress what it is still searching for; the asker then tries other providers or goes
+/// upstream at once.
+#[derive(Debug, Default)]
+pub struct Searching(Mutex<HashMap<Digest, usize>>);
+
+impl Searching {
+    fn contains(&self, digest: &Digest) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(digest)
+    }
+
+    fn enter(&self, digest: Digest) -> SearchGuard<'_> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_default() += 1;
+        SearchGuard {
+            searching: self,
+            digest,
+        }
+    }
+}
+
+/// Ends a search when dropped (also when the request is cancelled).
+struct SearchGuard<'a> {
+    searching: &'a Searching,
+    digest: Digest,
+}
+
+impl Drop for SearchGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.searching.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// Metrics label for a request path.
@@ -51,6 +105,23 @@ pub fn handler_label(path: &str) -> &'static str {
 /// 405 for a method other than GET or HEAD on a route this pull-only registry serves.
 fn method_not_allowed() -> Response {
     Response::empty(405).header("Allow", "GET, HEAD")
+}
+
+/// Counts the bytes of a growing body as they are released to the socket.
+struct CountedGrowth<G> {
+    inner: G,
+    end: u64,
+}
+
+#[async_trait::async_trait]
+impl<G: Growth> Growth for CountedGrowth<G> {
+    async fn wait_beyond(&mut self, have: u64) -> std::io::Result<u64> {
+        let ready = self.inner.wait_beyond(have).await?.min(self.end);
+        metrics::global()
+            .in_progress_served_bytes
+            .inc_by(ready.saturating_sub(have));
+        Ok(ready)
+    }
 }
 
 /// Why requested content is not in the local store.
@@ -150,6 +221,14 @@ impl Registry {
         // One store lookup per request; the descriptor found is what the response describes.
         let found = self.locate(&path).await;
         let (response, outcome) = if !from_peer && found.is_err() {
+            // The forward returns once a provider answered (or none did): only that phase is
+            // a search; the body then streams from a real source.
+            let _searching = match (path.kind, &found) {
+                (Kind::Blob, Err(Missing::Digest(digest))) => {
+                    Some(self.searching.enter(digest.clone()))
+                }
+                _ => None,
+            };
             let request = MirrorRequest {
                 path: path.clone(),
                 head,
@@ -157,9 +236,18 @@ impl Registry {
             };
             (self.forward(request).await, Outcome::Forwarded)
         } else {
-            let response = match path.kind {
-                Kind::Manifest => self.manifest(&path, found, head).await,
-                Kind::Blob => self.blob(&path, found, head, range).await,
+            // Only a peer is served a blob still downloading: this node's own containerd asking
+            // for it would be asking for the bytes it is writing itself.
+            let in_progress = match (path.kind, &found) {
+                (Kind::Blob, Err(Missing::Digest(digest))) => {
+                    self.in_progress(&path, digest, head, range).await
+                }
+                _ => None,
+            };
+            let response = match (in_progress, path.kind) {
+                (Some(response), _) => response,
+                (None, Kind::Manifest) => self.manifest(&path, found, head).await,
+                (None, Kind::Blob) => self.blob(&path, found, head, range).await,
             };
             (response, Outcome::Served)
         };
@@ -322,6 +410,68 @@ impl Registry {
                 unknown()
             }
         }
+    }
+
+    /// A blob containerd is downloading right now, served as it grows; `None` when it is not
+    /// being downloaded or its size is unknown (the caller answers 404).
+    async fn in_progress(
+        &self,
+        path: &DistributionPath,
+        digest: &Digest,
+        head: bool,
+        range: Option<ByteRange>,
+    ) -> Option<Response> {
+        let outcome = |o: &str| {
+            metrics::global()
+                .in_progress_requests
+                .with_label_values(&[o])
+                .inc()
+        };
+        if self.searching.contains(digest) {
+            outcome("searching");
+            return None;
+        }
+        let growing = match self.store.open_in_progress(digest).await {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                outcome("unavailable");
+                return None;
+            }
+            Err(e) => {
+                warn!(%digest, error = %e, "could not open blob in progress");
+                outcome("unavailable");
+                return None;
+            }
+        };
+        let size = growing.size;
+        let content_range = match range.map(|r| r.resolve(size)).transpose() {
+            Ok(cr) => cr,
+            Err(_) => return Some(range_not_satisfiable(size)),
+        };
+        outcome("served");
+        // The media type of an ingest is not recorded; containerd does not check a blob's.
+        let response = content_response(ContentHead {
+            kind: Kind::Blob,
+            media_type: crate::oci::OCTET_STREAM,
+            size,
+            digest: &digest.to_string(),
+            namespace: &path.reference.registry,
+            range: content_range,
+        });
+        if head {
+            return Some(response);
+        }
+        let (offset, len) = content_range.map_or((0, size), |r| (r.start, r.len()));
+        debug!(%digest, offset, len, "serving blob in progress");
+        Some(response.body(Body::Growing {
+            file: growing.file,
+            offset,
+            len,
+            growth: Box::new(CountedGrowth {
+                inner: growing.growth,
+                end: offset + len,
+            }),
+        }))
     }
 
     /// The body for `range` (or everything) of the content `desc` describes.

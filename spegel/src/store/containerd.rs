@@ -67,6 +67,8 @@ pub struct ContainerdStore {
     media_types: Mutex<HashMap<Digest, String>>,
     /// One permit per open content-API stream.
     streams: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How long a body served from an ingest waits for a writer that adds nothing.
+    ingest_stall: Duration,
 }
 
 /// Re-probing state for a content directory that was not usable at start: a fresh node's
@@ -129,6 +131,7 @@ impl ContainerdStore {
             }),
             media_types: Mutex::default(),
             streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTENT_STREAMS)),
+            ingest_stall: super::ingest::DEFAULT_STALL,
         };
         match store.probe_content_root().await {
             Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
@@ -217,6 +220,12 @@ impl ContainerdStore {
                 None
             }
         }
+    }
+
+    /// Sets how long a body served from an ingest waits for a writer that adds nothing.
+    pub fn with_ingest_stall(mut self, stall: Duration) -> Self {
+        self.ingest_stall = stall;
+        self
     }
 
     /// The content directory blobs are read from, if usable.
@@ -508,6 +517,27 @@ impl Store for ContainerdStore {
             self.remember_media_type(&d.digest, &d.media_type);
         }
         Ok(descriptors)
+    }
+
+    async fn in_progress(&self) -> Result<Vec<super::Ingest>, StoreError> {
+        Ok(match self.probe_content_root().await {
+            Some(root) => super::ingest::scan(root),
+            None => Vec::new(),
+        })
+    }
+
+    async fn open_in_progress(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<super::GrowingFile>, StoreError> {
+        let Some(root) = self.probe_content_root().await else {
+            return Ok(None);
+        };
+        Ok(super::ingest::open_growing(
+            root,
+            digest,
+            self.ingest_stall,
+        )?)
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError> {

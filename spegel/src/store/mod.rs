@@ -1,6 +1,7 @@
 //! The node's image content: what containerd holds, behind the [`Store`] trait.
 
 mod containerd;
+pub mod ingest;
 mod memory;
 
 use std::io;
@@ -12,6 +13,7 @@ use futures::stream::BoxStream;
 use crate::oci::{ContentRange, Digest, Reference};
 
 pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
+pub use ingest::{GrowingFile, Ingest};
 pub use memory::MemoryStore;
 
 /// Size and media type of one piece of content.
@@ -139,6 +141,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Image events from now on; the stream ends when the backend's event stream breaks.
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError>;
+
+    /// Blobs being written into the store right now (pulls in progress).
+    async fn in_progress(&self) -> Result<Vec<Ingest>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Opens a blob that is being written, to serve it while it grows; `None` when it is not
+    /// being written or its final size is unknown.
+    async fn open_in_progress(&self, _digest: &Digest) -> Result<Option<GrowingFile>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Children of a manifest or index, parsed from its JSON: `(digest, media type, size)`.
