@@ -257,7 +257,11 @@ impl Containerd {
     }
 
     /// Starts containerd `version` with the config under `dir` and waits until it answers.
-    fn spawn_and_wait(dir: &Path, netns: Option<&str>, version: Version) -> anyhow::Result<Process> {
+    fn spawn_and_wait(
+        dir: &Path,
+        netns: Option<&str>,
+        version: Version,
+    ) -> anyhow::Result<Process> {
         let mut cmd = command_in(netns, &version.containerd_bin().to_string_lossy());
         cmd.arg("-c").arg(dir.join("config.toml"));
         // Shims are looked up on PATH: take the ones of the same version first.

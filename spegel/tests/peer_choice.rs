@@ -9,12 +9,20 @@
 use std::{path::PathBuf, time::Duration};
 
 use bench::{
-    cluster::{Cluster, METRICS_PORT},
+    cluster::Cluster,
     delay::LinkSpec,
-    images::{BlobKind, ImageSpec, PushedImage, in_netns},
+    images::{BlobKind, ImageSpec, PushedImage},
     netns::tx_bytes,
+    peers::{forget_image, metric, metrics_text, wait_for_rtts},
     process::wait_for,
 };
+
+/// One testbed at a time: each moves GiBs and runs 8 processes, and CI has 2 cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 const MIB: u64 = 1 << 20;
 const LAYER: u64 = 128 * MIB;
@@ -28,25 +36,6 @@ struct Bed {
     cluster: Cluster,
     image: PushedImage,
     layer: String,
-}
-
-fn metrics_text(cluster: &Cluster, k: usize) -> String {
-    let addr: std::net::SocketAddr = format!("{}:{METRICS_PORT}", cluster.network().node_ip(k))
-        .parse()
-        .expect("node address");
-    in_netns(&cluster.network().node(k), move || {
-        bench::http::get(addr, "/metrics", &[])
-    })
-    .map(|r| String::from_utf8_lossy(&r.body).into_owned())
-    .unwrap_or_default()
-}
-
-fn metric(cluster: &Cluster, k: usize, prefix: &str) -> f64 {
-    metrics_text(cluster, k)
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Starts the testbed: providers pull the image straight from the upstream before their
@@ -81,7 +70,10 @@ fn bed(dir: &std::path::Path, links: &[LinkSpec], extra: &[&str], seed: u64) -> 
     for k in 1..=4 {
         let mut args = cluster.registry_args(k);
         args.extend(extra.iter().map(|s| s.to_string()));
-        cluster.start_daemon_with(k, &args).expect("daemon");
+        if let Err(e) = cluster.start_daemon_with(k, &args) {
+            let log = std::fs::read_to_string(cluster.daemon_log(k)).unwrap_or_default();
+            panic!("daemon on node {k}: {e}\n{log}");
+        }
     }
     for k in 1..=4 {
         cluster
@@ -96,22 +88,7 @@ fn bed(dir: &std::path::Path, links: &[LinkSpec], extra: &[&str], seed: u64) -> 
         )
         .expect("advertised");
     }
-    let ips: Vec<String> = PROVIDERS
-        .iter()
-        .map(|&k| cluster.network().node_ip(k))
-        .collect();
-    wait_for(
-        "the puller knows every provider's RTT",
-        Duration::from_secs(60),
-        || {
-            let text = metrics_text(&cluster, PULLER);
-            ips.iter().all(|ip| {
-                text.lines()
-                    .any(|l| l.starts_with(&format!("spegel_peer_rtt_seconds{{peer=\"{ip}\"}}")))
-            })
-        },
-    )
-    .expect("peer RTTs");
+    wait_for_rtts(&cluster, PULLER, &PROVIDERS).expect("peer RTTs");
     Bed {
         cluster,
         image,
@@ -148,29 +125,8 @@ impl Bed {
         ([sent[0], sent[1], sent[2]], upstream)
     }
 
-    /// Removes the image, its snapshots and its blobs from the puller.
     fn forget(&self) {
-        let puller = self.cluster.node(PULLER);
-        puller.remove_image(&self.image.reference).expect("rm image");
-        // The unpacked snapshot would let the next pull skip fetching the layer.
-        let snapshots = puller.ctr(&["snapshots", "ls"]).unwrap_or_default();
-        let mut keys: Vec<&str> = snapshots
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        // Children first.
-        keys.reverse();
-        for key in keys {
-            let _ = puller.ctr(&["snapshots", "rm", key]);
-        }
-        for blob in &self.image.blobs {
-            let _ = puller.remove_content(&blob.digest);
-        }
-        wait_for("the layer is gone", Duration::from_secs(10), || {
-            puller.blob_size(&self.layer).is_none()
-        })
-        .expect("layer removed");
+        forget_image(self.cluster.node(PULLER), &self.image).expect("forget the image");
     }
 
     fn log(&self, k: usize) -> String {
@@ -221,7 +177,10 @@ fn throttled_provider_is_avoided(extra: &[&str], seed: u64) -> (Bed, tempfile::T
     for i in 0..5 {
         let (sent, upstream) = bed.pull();
         eprintln!("pull {i} (node 2 throttled): providers sent {sent:?}, upstream {upstream}");
-        assert!(upstream < MIB, "pull {i}: the upstream sent {upstream} bytes");
+        assert!(
+            upstream < MIB,
+            "pull {i}: the upstream sent {upstream} bytes"
+        );
         after.push(sent);
     }
     // Within a few pulls: the last three take almost nothing from the newly throttled one.
@@ -246,6 +205,7 @@ fn throttled_provider_is_avoided(extra: &[&str], seed: u64) -> (Bed, tempfile::T
 
 #[test]
 fn ebpf_is_active_on_the_testbed() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let bed = bed(dir.path(), &[], &["--ebpf=on"], 31);
     for k in 1..=4 {
@@ -274,12 +234,14 @@ fn ebpf_is_active_on_the_testbed() {
 
 #[test]
 fn throttled_provider_is_avoided_with_ebpf() {
+    let _serial = serial();
     let (bed, _dir) = throttled_provider_is_avoided(&["--ebpf=on"], 41);
     assert!(bed.log(PULLER).contains("eBPF telemetry active"));
 }
 
 #[test]
 fn throttled_provider_is_avoided_without_ebpf() {
+    let _serial = serial();
     let (bed, _dir) = throttled_provider_is_avoided(&["--ebpf=off"], 42);
     let log = bed.log(PULLER);
     assert!(
@@ -291,6 +253,7 @@ fn throttled_provider_is_avoided_without_ebpf() {
 
 #[test]
 fn distant_provider_is_avoided_on_the_first_request() {
+    let _serial = serial();
     // Node 1 is 20 ms away from everyone; nodes 2 and 3 are at bridge latency.
     let starts = 3;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -304,12 +267,7 @@ fn distant_provider_is_avoided_on_the_first_request() {
             bed.cluster
                 .wait_ready(PULLER, Duration::from_secs(60))
                 .expect("ready");
-            let ip = bed.cluster.network().node_ip(1);
-            wait_for("RTT to node 1", Duration::from_secs(60), || {
-                metrics_text(&bed.cluster, PULLER)
-                    .contains(&format!("spegel_peer_rtt_seconds{{peer=\"{ip}\"}}"))
-            })
-            .expect("rtt");
+            wait_for_rtts(&bed.cluster, PULLER, &PROVIDERS).expect("peer RTTs");
         }
         let (sent, upstream) = bed.pull();
         eprintln!("fresh start {start}: providers sent {sent:?}, upstream {upstream}");
@@ -327,6 +285,7 @@ fn distant_provider_is_avoided_on_the_first_request() {
 
 #[test]
 fn stretched_cluster_still_hits_peers() {
+    let _serial = serial();
     // Every peer 20 ms from the puller: only the puller's link is delayed.
     let dir = tempfile::tempdir().expect("tempdir");
     let links = [LinkSpec::delayed(PULLER, Duration::from_millis(20))];
@@ -340,5 +299,11 @@ fn stretched_cluster_still_hits_peers() {
         );
         assert!(sent.iter().sum::<u64>() >= LAYER);
     }
-    assert!(metric(&bed.cluster, PULLER, "spegel_mirror_requests_total{cache=\"hit\"") >= 3.0);
+    assert!(
+        metric(
+            &bed.cluster,
+            PULLER,
+            "spegel_mirror_requests_total{cache=\"hit\""
+        ) >= 3.0
+    );
 }

@@ -42,7 +42,7 @@ enum Task {
         #[arg(long, default_value = concat!("ghcr.io/spegel-rs/spegel:", env!("CARGO_PKG_VERSION")))]
         tag: String,
     },
-    /// Run a benchmark (`serve`, `p2p`, `pull`); see `cargo xtask bench -- --help`.
+    /// Run a benchmark (`serve`, `p2p`, `pull`, `peers`); see `cargo xtask bench -- --help`.
     Bench {
         /// Benchmark name and its arguments.
         #[arg(trailing_var_arg = true)]

@@ -87,7 +87,10 @@ impl Client {
 
     /// A client whose connections are measured into `telemetry` (connect time, failures and
     /// `TCP_INFO` samples per peer address), when given.
-    pub fn with_telemetry(config: ClientConfig, telemetry: Option<Arc<UserspaceTelemetry>>) -> Self {
+    pub fn with_telemetry(
+        config: ClientConfig,
+        telemetry: Option<Arc<UserspaceTelemetry>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
