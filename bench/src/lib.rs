@@ -1,9 +1,11 @@
 //! Testbed and benchmarks for spegel: real containerd, real registry, network namespaces.
 
+pub mod browser;
 pub mod cluster;
 pub mod containerd;
 pub mod daemon;
 pub mod delay;
+pub mod forward;
 pub mod http;
 pub mod image;
 pub mod images;

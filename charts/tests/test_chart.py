@@ -396,6 +396,7 @@ def test_all_registry_container(all_manifests):
         "--resolve-tags=false",
         # visualize.enabled forces the debug UI on although debugWebEnabled is false.
         "--debug-web-enabled=true",
+        "--visualize-enabled=true",
         "--advertise-ttl=15m",
         "--ebpf=on",
         "--peer-selection=latency",
@@ -577,6 +578,8 @@ def test_registry_filters(spegel_values, expected):
 def test_debug_web_enabled(spegel_values, expected):
     args = registry_args({"spegel": spegel_values})
     assert [a for a in args if a.startswith("--debug-web-enabled")] == [f"--debug-web-enabled={expected}"]
+    visualize = spegel_values.get("visualize", {}).get("enabled", False)
+    assert [a for a in args if a.startswith("--visualize")] == (["--visualize-enabled=true"] if visualize else [])
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,11 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
 
 use crate::{
-    admin::{Admin, AdminState},
+    activity::{self, Activity},
+    admin::{
+        Admin, AdminState,
+        ui::{AdminUi, UiConfig, UiSources},
+    },
     advertise::Advertiser,
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
@@ -152,6 +156,8 @@ pub struct AppConfig {
     pub auth: Option<BasicAuth>,
     /// Serve `/debug/web/*` on the metrics listener.
     pub debug_web: bool,
+    /// Record requests and serve `/visualize` on the metrics listener.
+    pub visualize: bool,
     /// Connection timeouts of every listener (fixed).
     pub timeouts: Timeouts,
 }
@@ -208,6 +214,7 @@ impl AppConfig {
             },
             auth: auth::load(auth_dir)?,
             debug_web: args.debug_web_enabled,
+            visualize: args.visualize_enabled,
             timeouts: Timeouts::default(),
         })
     }
@@ -274,6 +281,20 @@ fn bootstrapper(
     }))
 }
 
+/// Where the daemon reaches its own registry: loopback when it listens on every address.
+fn own_address(bound: SocketAddr) -> SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), bound.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), bound.port())
+        }
+        _ => bound,
+    }
+}
+
 /// The running daemon.
 pub struct App {
     router: P2pRouter,
@@ -330,6 +351,12 @@ impl App {
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
 
+        // Off by default: a disabled record costs one branch per request.
+        let activity = if config.visualize {
+            Activity::enabled(activity::DEFAULT_CAPACITY)
+        } else {
+            Activity::disabled()
+        };
         let mirror = PeerMirror::new(
             shared_router,
             MirrorConfig {
@@ -342,6 +369,7 @@ impl App {
                 body_stall_timeout: config.mirror.body_stall_timeout,
                 telemetry: Some(telemetry.source.clone()),
                 connection_telemetry: Some(telemetry.userspace.clone()),
+                activity: activity.clone(),
                 ..Default::default()
             },
         )?;
@@ -361,6 +389,27 @@ impl App {
             move |ip| throughput.throughput(ip),
             TELEMETRY_UPKEEP,
         ));
+        let ui = AdminUi::new(
+            UiConfig {
+                debug_web: config.debug_web,
+                visualize: config.visualize,
+                registry: own_address(registry_listener.local_addr().map_err(|source| {
+                    AppError::Listen {
+                        what: "registry",
+                        addr: config.listen.registry,
+                        source,
+                    }
+                })?),
+                authorization: config.auth.as_ref().map(|a| a.header_value()),
+            },
+            UiSources {
+                node: Arc::new(router.clone()),
+                images: Arc::new(advertised.clone()),
+                selector: selector.clone(),
+                lookup: Arc::new(router.clone()),
+                activity: activity.clone(),
+            },
+        );
         let ready_router = router.clone();
         let registry = Registry {
             store,
@@ -369,6 +418,7 @@ impl App {
             auth: config.auth,
             // A lone node serves its own content but is not ready (§3.5).
             ready: Arc::new(move || ready_router.ready()),
+            activity,
         };
         let admin = Admin::new(
             AdminState {
@@ -377,7 +427,8 @@ impl App {
                 selector,
             },
             config.debug_web,
-        );
+        )
+        .with_ui(ui);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let timeouts = config.timeouts;

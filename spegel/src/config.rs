@@ -181,6 +181,9 @@ pub struct RegistryArgs {
     /// Serve the debug web UI on the metrics listener.
     #[arg(long, env = "DEBUG_WEB_ENABLED", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub debug_web_enabled: bool,
+    /// Record requests and serve the live `/visualize` page on the metrics listener.
+    #[arg(long, env = "VISUALIZE_ENABLED", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub visualize_enabled: bool,
     /// Advertise and resolve tags.
     #[arg(long, env = "RESOLVE_TAGS", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub resolve_tags: bool,
@@ -351,6 +354,7 @@ mod tests {
         );
         assert_eq!(args.mirror_resolve_timeout, Duration::from_millis(50));
         assert!(!args.debug_web_enabled);
+        assert!(!args.visualize_enabled);
         assert_eq!(args.mirror_resolve_retries, 3);
         assert_eq!(args.mirror_race_timeout_floor, Duration::from_millis(100));
         assert_eq!(args.mirror_max_resumes, 5);

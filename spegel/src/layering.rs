@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "telemetry",
     "http",
     "oci",
+    "activity",
     "auth",
     "store",
     "routing",

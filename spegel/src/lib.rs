@@ -5,6 +5,7 @@
 //! [`advertise`], [`mirror`], [`registry`], [`admin`], then the entry points: [`config`] (flags),
 //! [`app`] (the `registry` daemon), [`host_config`] (`configuration`), [`cleanup`].
 
+pub mod activity;
 pub mod admin;
 pub mod advertise;
 pub mod app;

@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 /// Every metric the daemon exports.
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub peer_throughput: GaugeVec,
     /// `spegel_ebpf_enabled`: 1 when the kernel probes are loaded, else 0.
     pub ebpf_enabled: IntGauge,
+    /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
+    pub visualize_events_total: IntCounter,
 }
 
 /// `path` label: content read from containerd's content directory (bodies go out with sendfile).
@@ -157,8 +159,16 @@ impl Metrics {
                 "spegel_ebpf_enabled",
                 "Whether the eBPF telemetry probes are loaded (1) or not (0).",
             )),
+            visualize_events_total: must(IntCounter::new(
+                "spegel_visualize_events_total",
+                "Requests recorded for the visualize page.",
+            )),
             registry,
         };
+        must(
+            m.registry
+                .register(Box::new(m.visualize_events_total.clone())),
+        );
         must(
             m.registry
                 .register(Box::new(m.mirror_requests_total.clone())),

@@ -258,6 +258,7 @@ async fn registry_server(
             mirror,
             auth,
             ready: Arc::new(|| true),
+            activity: Default::default(),
         },
         log: log.clone(),
     };
@@ -458,6 +459,7 @@ async fn body_of(resp: Response) -> std::io::Result<Vec<u8>> {
         Body::Empty => Ok(Vec::new()),
         Body::Bytes(b) => Ok(b.to_vec()),
         Body::File { .. } => panic!("mirror never serves files"),
+        Body::Unbounded(_) => panic!("mirror bodies always have a length"),
         Body::Stream { mut stream, len } => {
             let mut out = Vec::new();
             let read = async {

@@ -178,6 +178,7 @@ fn registry(f: &Fixture) -> Registry {
         mirror: None,
         auth: None,
         ready: Arc::new(|| false),
+        activity: Default::default(),
     }
 }
 

@@ -24,6 +24,8 @@ const APT: &[(&str, &str)] = &[
     ("linux-libc-dev", "/usr/include/linux/bpf.h"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("python3-pip", "/usr/bin/pip3"),
+    // Headless browser for the UI tests (driven over CDP on a pipe; never downloads one).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 /// Python packages for the chart tests, with the module that shows each is importable.

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a 3-node cluster in network namespaces. Node 1 pulls an image from the
-//! upstream registry, the upstream is stopped, and the other nodes pull the same image from
-//! their peers through the mirror.
+//! upstream registry (whose link is shaped, like a registry across the internet), the upstream
+//! is stopped, and the other nodes pull the same image from their peers through the mirror.
+//! With `--keep` the cluster stays up and node 2's UI is forwarded to loopback.
 
 use std::time::Duration;
 
@@ -20,6 +21,16 @@ struct Args {
     /// Layer sizes of the demo image in MiB.
     #[arg(long, value_delimiter = ',', default_value = "32,8,1")]
     layers_mib: Vec<u64>,
+    /// Sending rate of the upstream registry's link (`tc tbf` rate), so pulls from peers are
+    /// visibly faster than from upstream; `none` leaves it unshaped.
+    #[arg(long, default_value = "100mbit")]
+    upstream_rate: String,
+    /// Keep the cluster up after the pulls, with node 2's UI on 127.0.0.1, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Loopback port of the UI forward (0 picks a free port).
+    #[arg(long, default_value_t = 9090)]
+    ui_port: u16,
 }
 
 /// Registry requests answered with 200/206 by node `k`'s daemon so far.
@@ -63,8 +74,14 @@ fn main() -> anyhow::Result<()> {
         image.reference,
         image.total_size() >> 20
     );
+    if args.upstream_rate != "none" {
+        cluster.shape_upstream(&args.upstream_rate)?;
+        eprintln!("upstream link shaped to {}", args.upstream_rate);
+    }
     for k in 1..=nodes {
-        cluster.start_daemon(k)?;
+        let mut daemon_args = cluster.registry_args(k);
+        daemon_args.push("--visualize-enabled".into());
+        cluster.start_daemon_with(k, &daemon_args)?;
     }
     for k in 1..=nodes {
         if let Err(e) = cluster.wait_ready(k, Duration::from_secs(60)) {
@@ -126,9 +143,43 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("\nupstream was stopped after node 1's pull: every later pull came from peers.");
+    if args.keep {
+        keep(&cluster, args.ui_port)?;
+    }
     for k in 1..=nodes {
         let status = cluster.stop_daemon(k);
         eprintln!("node {k}: daemon exited with {status:?}");
     }
+    Ok(())
+}
+
+/// Forwards node 2's metrics port to loopback, prints the UI's URLs and waits for Ctrl-C.
+fn keep(cluster: &Cluster, port: u16) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    // Blocked before the forward's threads start (they inherit the mask), so SIGINT/SIGTERM
+    // reach only the sigwait below and the cluster is torn down by its drops.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+    // Connections are made from inside node 2's namespace, to its own loopback.
+    let target: std::net::SocketAddr = format!("127.0.0.1:{METRICS_PORT}").parse()?;
+    let forward = bench::forward::PortForward::start(&cluster.network().node(2), target, port)
+        .or_else(|_| bench::forward::PortForward::start(&cluster.network().node(2), target, 0))?;
+    let addr = forward.local_addr();
+    println!("\nthe cluster stays up; node 2's UI (like `kubectl port-forward` to :9090):");
+    println!("  http://{addr}/visualize");
+    println!("  http://{addr}/debug/web/");
+    println!("pull again on a node to watch it live, e.g.:");
+    println!(
+        "  ip netns exec {} ctr -a {} -n k8s.io images pull --plain-http --hosts-dir {} <image>",
+        cluster.network().node(2),
+        cluster.node(2).socket().display(),
+        cluster.node(2).certs_d().display()
+    );
+    println!("press Ctrl-C to stop");
+    let signal = signals.wait()?;
+    eprintln!("got {signal:?}, stopping the cluster");
+    drop(forward);
     Ok(())
 }

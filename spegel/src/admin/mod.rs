@@ -1,8 +1,11 @@
-//! The metrics/admin port: `/metrics` and the `/debug/web/*` routes.
+//! The metrics/admin port: `/metrics`, the `/debug/web/*` routes, and the pages of [`ui`]
+//! (`/visualize`, `/debug/web/`).
 //!
 //! Routes read the daemon's state only through snapshot handles ([`RouterView`],
 //! [`AdvertisedView`], [`SelectorStats`]), never the concrete router, advertiser or mirror, so
 //! pages can be added (one entry in [`Admin::ROUTES`]) without touching the components.
+
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -36,6 +39,7 @@ struct Route {
 pub struct Admin {
     state: AdminState,
     debug_web: bool,
+    ui: Option<ui::AdminUi>,
 }
 
 impl Admin {
@@ -60,7 +64,17 @@ impl Admin {
 
     /// Serves `state`; the `/debug/web/*` routes only when `debug_web`.
     pub fn new(state: AdminState, debug_web: bool) -> Self {
-        Admin { state, debug_web }
+        Admin {
+            state,
+            debug_web,
+            ui: None,
+        }
+    }
+
+    /// Also serves the HTML pages of `ui`, before the other routes.
+    pub fn with_ui(mut self, ui: ui::AdminUi) -> Self {
+        self.ui = Some(ui);
+        self
     }
 
     /// The handles the routes read.
@@ -74,6 +88,11 @@ impl Handler for Admin {
     async fn handle(&self, req: &Request) -> Response {
         if req.method != "GET" && !req.is_head() {
             return Response::empty(404);
+        }
+        if let Some(ui) = &self.ui
+            && let Some(response) = ui.handle(req).await
+        {
+            return response;
         }
         match Self::ROUTES
             .iter()
@@ -144,6 +163,7 @@ mod tests {
             headers: Vec::new(),
             keep_alive: true,
             has_body: false,
+            remote: None,
         }
     }
 

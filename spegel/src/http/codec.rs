@@ -28,6 +28,8 @@ pub struct Request {
     pub keep_alive: bool,
     /// Whether the request announced a body (which the registry never reads).
     pub has_body: bool,
+    /// The client's address, set by the server loop.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 impl Request {
@@ -156,6 +158,7 @@ fn to_request(req: &httparse::Request<'_, '_>) -> Result<Request, ReadError> {
         headers,
         keep_alive,
         has_body,
+        remote: None,
     })
 }
 
@@ -181,6 +184,9 @@ pub enum Body {
         /// Total bytes the stream yields.
         len: u64,
     },
+    /// A stream of unknown length (e.g. Server-Sent Events), delimited by closing the
+    /// connection; it ends when the stream ends, the client stops reading, or on shutdown.
+    Unbounded(BoxStream<'static, io::Result<Bytes>>),
 }
 
 impl std::fmt::Debug for Body {
@@ -190,15 +196,16 @@ impl std::fmt::Debug for Body {
             Body::Bytes(b) => write!(f, "Bytes({})", b.len()),
             Body::File { offset, len, .. } => write!(f, "File({offset}+{len})"),
             Body::Stream { len, .. } => write!(f, "Stream({len})"),
+            Body::Unbounded(_) => f.write_str("Unbounded"),
         }
     }
 }
 
 impl Body {
-    /// Length in bytes.
+    /// Length in bytes (0 for [`Body::Unbounded`], whose length is unknown).
     pub fn len(&self) -> u64 {
         match self {
-            Body::Empty => 0,
+            Body::Empty | Body::Unbounded(_) => 0,
             Body::Bytes(b) => b.len() as u64,
             Body::File { len, .. } | Body::Stream { len, .. } => *len,
         }
@@ -206,7 +213,12 @@ impl Body {
 
     /// Whether the body has no bytes.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len() == 0 && !self.is_unbounded()
+    }
+
+    /// Whether the body is close-delimited.
+    pub fn is_unbounded(&self) -> bool {
+        matches!(self, Body::Unbounded(_))
     }
 }
 
@@ -255,12 +267,13 @@ impl Response {
     /// Serialises the status line and headers; `Content-Length` is added from the body when
     /// the handler did not set one.
     pub fn head_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let keep_alive = keep_alive && !self.body.is_unbounded();
         let mut out = String::with_capacity(256);
         let _ = write!(out, "HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (name, value) in &self.headers {
             let _ = write!(out, "{name}: {value}\r\n");
         }
-        if self.get_header("content-length").is_none() {
+        if self.get_header("content-length").is_none() && !self.body.is_unbounded() {
             let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
         }
         if !keep_alive {
@@ -331,6 +344,11 @@ mod tests {
         assert_eq!(
             r.head_bytes(true),
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+        );
+        let r = Response::empty(200).body(Body::Unbounded(Box::pin(futures::stream::empty())));
+        assert_eq!(
+            r.head_bytes(true),
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
         );
         let r = Response::empty(404).header("Content-Length", "10");
         assert_eq!(

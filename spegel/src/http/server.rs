@@ -114,7 +114,7 @@ async fn connection(
             r = codec::read_request(&mut stream, &mut buf, timeouts.idle, timeouts.head) => r,
             _ = shutdown.changed() => return,
         };
-        let req = match req {
+        let mut req = match req {
             Ok(r) => r,
             Err(ReadError::Closed) => return,
             Err(e) => {
@@ -130,6 +130,7 @@ async fn connection(
                 return;
             }
         };
+        req.remote = Some(peer);
         // Request bodies are never read, so the connection cannot be reused after one.
         let keep_alive = req.keep_alive && !req.has_body && !*shutdown.borrow();
         let label = handler.label(&req);
@@ -145,9 +146,14 @@ async fn connection(
         } else {
             response.body.len()
         };
-        let result = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
-            .instrument(span.clone())
-            .await;
+        // A close-delimited body ends the connection, and must not hold up shutdown.
+        let unbounded = response.body.is_unbounded();
+        let keep_alive = keep_alive && !unbounded;
+        let result = tokio::select! {
+            r = write_response(&mut stream, response, req.is_head(), keep_alive, timeouts)
+                .instrument(span.clone()) => r,
+            _ = shutdown.changed(), if unbounded => Ok(()),
+        };
         inflight.dec();
         let code = status.to_string();
         let elapsed = started.elapsed();

@@ -71,6 +71,13 @@ pub(super) async fn write_response(
             }
             Ok(())
         }
+        Body::Unbounded(mut body) => {
+            timed(stall, stream.write_all(&head)).await?;
+            while let Some(chunk) = body.next().await {
+                timed(stall, stream.write_all(&chunk?)).await?;
+            }
+            Ok(())
+        }
     }
 }
 

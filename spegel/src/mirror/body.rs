@@ -57,6 +57,18 @@ pub struct ResumingBody {
     pub(super) done: bool,
     /// Bytes read from the current peer since the instant, for its throughput.
     pub(super) segment: (Instant, u64),
+    /// Recorded for `/visualize` when the body ends or is dropped.
+    pub(super) record: Option<super::OutRecord>,
+    pub(super) failed: bool,
+}
+
+impl Drop for ResumingBody {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            let broken = self.failed || self.sent < self.len;
+            r.finish(self.sent, self.resumes > 0, broken);
+        }
+    }
 }
 
 impl ResumingBody {
@@ -71,6 +83,7 @@ impl ResumingBody {
         len: u64,
         resumable: bool,
         deadline: Option<tokio::time::Instant>,
+        record: Option<super::OutRecord>,
     ) -> Self {
         ResumingBody {
             shared,
@@ -89,6 +102,8 @@ impl ResumingBody {
             switches: 0,
             done: false,
             segment: (Instant::now(), 0),
+            record,
+            failed: false,
         }
     }
 
@@ -210,6 +225,7 @@ impl ResumingBody {
             }
             if !self.resumable || self.resumes >= self.shared.config.max_resumes {
                 self.done = true;
+                self.failed = true;
                 return Some(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -238,6 +254,7 @@ impl ResumingBody {
                 }
                 Err(e) => {
                     self.done = true;
+                    self.failed = true;
                     return Some(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("resuming at byte {from} failed: {e:?}"),

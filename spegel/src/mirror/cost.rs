@@ -257,6 +257,16 @@ impl SelectorStats for TelemetrySelector {
         stats.sort_by(|a, b| a.id.cmp(&b.id));
         stats
     }
+
+    fn preferred(&self, peers: &[Peer]) -> Option<String> {
+        let state = self.lock();
+        // The cost order without exploration, which would consume a draw of the generator.
+        self.estimate(&state, "", None, peers)
+            .into_iter()
+            .zip(peers)
+            .min_by(|a, b| a.0.cost.total_cmp(&b.0.cost))
+            .map(|(_, p)| p.id.clone())
+    }
 }
 
 impl PeerSelector for TelemetrySelector {

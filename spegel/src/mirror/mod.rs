@@ -22,9 +22,10 @@ pub use selector::{
 };
 
 use crate::{
+    activity::{self, Activity, Direction, Event},
     http::{Body, Response},
     oci::{
-        ByteRange, DistributionPath, Kind,
+        ByteRange, DistributionPath, Kind, SERVED_BY_HEADER,
         response::{ContentHead, content_response, not_found_anywhere, range_not_satisfiable},
     },
     routing::Router,
@@ -89,6 +90,8 @@ pub struct MirrorConfig {
     pub telemetry: Option<Arc<dyn NetTelemetry>>,
     /// Where the peer client records its connections (connect time, `TCP_INFO`), if anywhere.
     pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
+    /// Record of peer fetches for `/visualize` (disabled by default).
+    pub activity: Activity,
 }
 
 impl Default for MirrorConfig {
@@ -104,6 +107,7 @@ impl Default for MirrorConfig {
             body_stall_timeout: Duration::from_secs(30),
             telemetry: None,
             connection_telemetry: None,
+            activity: Activity::disabled(),
         }
     }
 }
@@ -121,6 +125,27 @@ impl std::fmt::Debug for MirrorConfig {
             .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
             .field("connection_telemetry", &self.connection_telemetry.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// The outgoing event of one forward, recorded when its body ends.
+pub(crate) struct OutRecord {
+    activity: Activity,
+    event: Event,
+    started: std::time::Instant,
+}
+
+impl OutRecord {
+    /// Records the fetch with the bytes received and how the body ended.
+    pub(crate) fn finish(mut self, bytes: u64, resumed: bool, failed: bool) {
+        self.event.bytes = bytes;
+        self.event.resumed = resumed;
+        self.event.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if failed {
+            self.event.outcome = activity::Outcome::Failed;
+        }
+        let event = self.event;
+        self.activity.record(|| event);
     }
 }
 
@@ -193,6 +218,8 @@ impl PeerMirror {
         deadline: Option<tokio::time::Instant>,
     ) -> Response {
         let shared = &self.shared;
+        let started = std::time::Instant::now();
+        let started_ms = activity::now_ms();
         let kind = request.path.kind;
         let head = request.head;
         let key: Arc<str> = request.path.reference.identifier().into();
@@ -249,9 +276,30 @@ impl PeerMirror {
             digest: &fetched.digest,
             namespace: &request.path.reference.registry,
             range,
-        });
+        })
+        .header(SERVED_BY_HEADER, winner.peer.id.clone());
         debug!(peer = %winner.peer.id, status = response.status, len, "forwarding peer response");
+        let record = shared.config.activity.is_enabled().then(|| OutRecord {
+            activity: shared.config.activity.clone(),
+            event: {
+                let mut e = Event::new(Direction::Out, kind.as_str(), activity::Outcome::Forwarded);
+                e.time_ms = started_ms;
+                e.registry = request.path.reference.registry.clone();
+                e.repository = request.path.reference.repository.clone();
+                e.reference = request.path.reference.digest_or_tag();
+                e.peer = Some(winner.peer.id.clone());
+                e.remote = winner.peer.addrs.first().map(|a| a.ip().to_string());
+                e.status = response.status;
+                e.hedged = winner.attempts > 1;
+                e.head = head;
+                e
+            },
+            started,
+        });
         if head || len == 0 {
+            if let Some(r) = record {
+                r.finish(0, false, false);
+            }
             return response;
         }
         let body = ResumingBody::new(
@@ -267,6 +315,7 @@ impl PeerMirror {
             len,
             kind == Kind::Blob,
             deadline,
+            record,
         );
         response.body(Body::Stream {
             stream: body.into_stream(),

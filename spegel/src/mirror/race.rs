@@ -230,6 +230,8 @@ pub struct Winner {
     pub fetched: Fetched,
     /// Keeps the fetch counted as in flight while its body is read.
     pub guard: InFlight,
+    /// Fetches this race started (more than one: hedged or retried).
+    pub attempts: usize,
 }
 
 type FetchFuture =
@@ -282,7 +284,7 @@ pub async fn race(shared: &Shared, pool: &mut Pool, spec: &FetchSpec) -> Result<
                     shared.selector.observe(&peer, Outcome::Success(latency));
                     shared.hedger.observe(latency);
                     debug!(peer = %peer.id, latency_ms = latency.as_millis() as u64, attempts, "peer answered");
-                    return Ok(Winner { peer, fetched, guard });
+                    return Ok(Winner { peer, fetched, guard, attempts });
                 }
                 Err(FetchError::Unsatisfiable { size }) => return Err(RaceError::Unsatisfiable { size }),
                 Err(e) => {

@@ -105,7 +105,53 @@ impl PeerStats {
     }
 }
 
+/// What the selector knows about one peer, for the UI.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerSnapshot {
+    /// Peer ID.
+    pub peer: String,
+    /// Moving average of the time to response headers, if measured.
+    pub latency_ms: Option<f64>,
+    /// Recent failures, decayed (each counts [`FAILURE_COST_MS`] in the score).
+    pub failures: f64,
+    /// Fetches from the peer in flight now, over all keys.
+    pub inflight: usize,
+    /// The ordering score (lower is preferred).
+    pub score: f64,
+}
+
 impl LatencySelector {
+    /// Every remembered peer's figures, best score first.
+    pub fn snapshot(&self) -> Vec<PeerSnapshot> {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut out: Vec<PeerSnapshot> = state
+            .peers
+            .iter()
+            .map(|(id, s)| PeerSnapshot {
+                peer: id.clone(),
+                latency_ms: s.latency_ms,
+                failures: s.decayed_penalty(now),
+                inflight: 0,
+                score: s.score(now),
+            })
+            .collect();
+        for ((_, peer), n) in &state.inflight {
+            match out.iter_mut().find(|p| &p.peer == peer) {
+                Some(p) => p.inflight += n,
+                None => out.push(PeerSnapshot {
+                    peer: peer.clone(),
+                    latency_ms: None,
+                    failures: 0.0,
+                    inflight: *n,
+                    score: 0.0,
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.score.total_cmp(&b.score).then(a.peer.cmp(&b.peer)));
+        out
+    }
+
     /// A selector with no history.
     pub fn new() -> Self {
         Self::default()
@@ -147,6 +193,8 @@ pub struct PeerStat {
 pub trait SelectorStats: Send + Sync + 'static {
     /// One entry per known peer, sorted by ID.
     fn peer_stats(&self) -> Vec<PeerStat>;
+    /// The peer among `peers` a blob fetch would try first now, without changing any state.
+    fn preferred(&self, peers: &[Peer]) -> Option<String>;
 }
 
 impl SelectorStats for LatencySelector {
@@ -180,6 +228,12 @@ impl SelectorStats for LatencySelector {
                 }
             })
             .collect()
+    }
+
+    fn preferred(&self, peers: &[Peer]) -> Option<String> {
+        let mut peers = peers.to_vec();
+        self.order("", &mut peers);
+        peers.into_iter().next().map(|p| p.id)
     }
 }
 
@@ -292,6 +346,12 @@ impl SelectorStats for LeastUsedSelector {
             .collect();
         stats.sort_by(|a, b| a.id.cmp(&b.id));
         stats
+    }
+
+    fn preferred(&self, peers: &[Peer]) -> Option<String> {
+        let mut peers = peers.to_vec();
+        self.order("", &mut peers);
+        peers.into_iter().next().map(|p| p.id)
     }
 }
 

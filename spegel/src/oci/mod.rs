@@ -16,7 +16,7 @@ pub use filter::{FilterError, Filters};
 pub use media_type::{MANIFEST_MEDIA_TYPES, fingerprint_media_type, is_manifest_media_type};
 pub use range::{ByteRange, ContentRange, RangeError};
 pub use reference::{DistributionPath, Kind, PathError, Reference, ReferenceError};
-pub use response::{MIRRORED_HEADER, not_found_anywhere, oci_error};
+pub use response::{MIRRORED_HEADER, SERVED_BY_HEADER, not_found_anywhere, oci_error};
 
 /// Media type served when nothing better is known.
 pub const OCTET_STREAM: &str = "application/octet-stream";

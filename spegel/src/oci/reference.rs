@@ -63,6 +63,15 @@ pub struct Reference {
 }
 
 impl Reference {
+    /// The digest if any, else the tag, else empty: what a request names, for display.
+    pub fn digest_or_tag(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => String::new(),
+        }
+    }
+
     /// The routing key: the digest string when there is one, else `registry/repo:tag`.
     pub fn identifier(&self) -> String {
         match (&self.digest, &self.tag) {

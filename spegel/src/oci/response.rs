@@ -9,6 +9,10 @@ use crate::http::{Body, Response};
 /// Header marking a request from a peer, which must never be forwarded again.
 pub const MIRRORED_HEADER: &str = "x-spegel-mirrored";
 
+/// Response header naming the peer that served a forwarded response (absent when served
+/// locally), for `/visualize`, the measure tool and `curl -I` debugging.
+pub const SERVED_BY_HEADER: &str = "x-spegel-served-by";
+
 /// What a content response describes: the same whether served locally or from a peer.
 #[derive(Debug, Clone, Copy)]
 pub struct ContentHead<'a> {

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 
 use crate::{
+    activity::{self, Activity, Direction, Event, Outcome},
     auth::BasicAuth,
     http::{Body, Handler, Request, Response},
     metrics,
     mirror::{Mirror, MirrorRequest},
     oci::{
         ByteRange, ContentRange, Digest, DistributionPath, ErrorCode, Filters, Kind,
-        MIRRORED_HEADER, OciError, is_manifest_media_type,
+        MIRRORED_HEADER, OciError, SERVED_BY_HEADER, is_manifest_media_type,
         response::{
             ContentHead, content_response, not_found_anywhere, oci_error, range_not_satisfiable,
         },
@@ -33,6 +34,8 @@ pub struct Registry {
     pub auth: Option<BasicAuth>,
     /// Readiness for `/readyz`.
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Record of requests for `/visualize` (disabled by default: records nothing).
+    pub activity: Activity,
 }
 
 /// Metrics label for a request path.
@@ -115,15 +118,53 @@ impl Registry {
             _ => None,
         };
         let from_peer = req.header(MIRRORED_HEADER) == Some("true");
+        let started = std::time::Instant::now();
+        let event = self.activity.is_enabled().then(|| {
+            let mut e = Event::new(Direction::In, path.kind.as_str(), Outcome::Served);
+            e.time_ms = activity::now_ms();
+            e.registry = path.reference.registry.clone();
+            e.repository = path.reference.repository.clone();
+            e.reference = path.reference.digest_or_tag();
+            e.remote = req.remote.map(|a| a.ip().to_string());
+            e.head = head;
+            e
+        });
         // One store lookup per request; the descriptor found is what the response describes.
         let found = self.locate(&path).await;
-        if !from_peer && found.is_err() {
-            return self.forward(MirrorRequest { path, head, range }).await;
+        let (response, outcome) = if !from_peer && found.is_err() {
+            let request = MirrorRequest {
+                path: path.clone(),
+                head,
+                range,
+            };
+            (self.forward(request).await, Outcome::Forwarded)
+        } else {
+            let response = match path.kind {
+                Kind::Manifest => self.manifest(&path, found, head).await,
+                Kind::Blob => self.blob(&path, found, head, range).await,
+            };
+            (response, Outcome::Served)
+        };
+        if let Some(mut e) = event {
+            e.outcome = match response.status {
+                200 | 206 => outcome,
+                404 => Outcome::Fallback,
+                _ => Outcome::Failed,
+            };
+            e.status = response.status;
+            e.peer = response.get_header(SERVED_BY_HEADER).map(str::to_string);
+            e.bytes = if head {
+                0
+            } else {
+                response
+                    .get_header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| response.body.len())
+            };
+            e.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.activity.record(|| e);
         }
-        match path.kind {
-            Kind::Manifest => self.manifest(&path, found, head).await,
-            Kind::Blob => self.blob(&path, found, head, range).await,
-        }
+        response
     }
 
     /// Resolves the tag (if any) and looks the digest up, once.
