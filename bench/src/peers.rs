@@ -166,6 +166,28 @@ pub fn wait_for_rtts(cluster: &Cluster, k: usize, nodes: &[usize]) -> anyhow::Re
             series.iter().all(|s| text.contains(s.as_str()))
         },
     )
+    .map_err(|e| {
+        // What the daemon did know, and what it logged, to tell a missing probe from a
+        // missing peer.
+        let text = metrics_text(cluster, k);
+        let known: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("spegel_peer_rtt") || l.starts_with("spegel_ebpf"))
+            .collect();
+        let log = std::fs::read_to_string(cluster.daemon_log(k)).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        e.context(format!(
+            "metrics: {known:?}\nlog tail:\n{}",
+            tail.join("\n")
+        ))
+    })
 }
 
 /// Pulls `image` on node `puller`, returns the wall time and what each provider sent, then
