@@ -145,6 +145,17 @@ fn start_nginx(dir: &Path, root: &Path, port: u16) -> anyhow::Result<Process> {
     Ok(p)
 }
 
+/// One server under test and what keeps it running.
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    target: String,
+    /// Processes whose CPU time is counted.
+    pids: Vec<u32>,
+    /// Stops the server when dropped.
+    _guard: Box<dyn std::any::Any>,
+}
+
 /// Runs the benchmark: `size` bytes, `runs` transfers per server.
 pub fn run(size: u64, runs: usize, work: &Path) -> anyhow::Result<(Vec<Run>, Vec<Summary>)> {
     run_with(size, runs, work, &[("spegel", &[])], true)
@@ -190,9 +201,7 @@ pub fn run_with(
         upstream.host().replace(':', "%3A")
     );
     let nginx_target = format!("/blobs/sha256/{hex}");
-    // (name, address, target, PIDs, guard)
-    let mut servers: Vec<(String, SocketAddr, String, Vec<u32>, Box<dyn std::any::Any>)> =
-        Vec::new();
+    let mut servers: Vec<Server> = Vec::new();
     for (name, extra) in variants {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -218,35 +227,42 @@ pub fn run_with(
             Some(addr),
         )?;
         let pids = vec![daemon.process.pid().context("spegel pid")?];
-        servers.push((
-            name.to_string(),
+        servers.push(Server {
+            name: name.to_string(),
             addr,
-            spegel_target.clone(),
+            target: spegel_target.clone(),
             pids,
-            Box::new(daemon),
-        ));
+            _guard: Box::new(daemon),
+        });
     }
     if with_nginx {
         let nginx_port = free_port()?;
         let nginx = start_nginx(&work.join("nginx"), &containerd.content_path(), nginx_port)?;
         let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
         let pids = with_children(nginx.pid().context("nginx pid")?);
-        servers.push((
-            "nginx".into(),
-            nginx_addr,
-            nginx_target,
+        servers.push(Server {
+            name: "nginx".into(),
+            addr: nginx_addr,
+            target: nginx_target,
             pids,
-            Box::new(nginx),
-        ));
+            _guard: Box::new(nginx),
+        });
     }
 
     // Warm the page cache and every server once.
-    for (_, a, target, _, _) in &servers {
-        fetch(*a, target)?;
+    for s in &servers {
+        fetch(s.addr, &s.target)?;
     }
     let mut all = Vec::new();
     for i in 0..runs {
-        for (server, a, target, pids, _) in &servers {
+        for Server {
+            name: server,
+            addr: a,
+            target,
+            pids,
+            ..
+        } in &servers
+        {
             let cpu0 = cpu_seconds(pids);
             let t0 = Instant::now();
             let bytes = fetch(*a, target)?;
@@ -269,7 +285,7 @@ pub fn run_with(
             });
         }
     }
-    let names: Vec<String> = servers.iter().map(|s| s.0.clone()).collect();
+    let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
     drop(servers);
     let summaries = names
         .iter()

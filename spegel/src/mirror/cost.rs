@@ -376,7 +376,7 @@ impl PeerSelector for TelemetrySelector {
         remaining: u64,
         others: &[Peer],
     ) -> bool {
-        if others.is_empty() || !(rate > 0.0) {
+        if others.is_empty() || rate.is_nan() || rate <= 0.0 {
             return false;
         }
         let left = remaining as f64 / rate;
@@ -636,15 +636,15 @@ mod tests {
         let (slow, fast, other) = (peer(1), peer(2), peer(3));
         let left = 120u64 << 20;
         // Nothing known about the others: a long slow body probes one of them.
-        assert!(s.switch_away("k", &slow, 6e6, left, &[fast.clone()]));
+        assert!(s.switch_away("k", &slow, 6e6, left, std::slice::from_ref(&fast)));
         // Nearly done, or nobody else: stay.
-        assert!(!s.switch_away("k", &slow, 6e6, 6 << 20, &[fast.clone()]));
+        assert!(!s.switch_away("k", &slow, 6e6, 6 << 20, std::slice::from_ref(&fast)));
         assert!(!s.switch_away("k", &slow, 6e6, left, &[]));
         // Measured alternatives: only a much faster one is worth the move.
         fetch(&s, "a", &fast, 64 << 20, 300e6);
         fetch(&s, "b", &other, 64 << 20, 7e6);
         assert!(s.switch_away("k", &slow, 6e6, left, &[fast.clone(), other.clone()]));
-        assert!(!s.switch_away("k", &slow, 6e6, left, &[other.clone()]));
+        assert!(!s.switch_away("k", &slow, 6e6, left, std::slice::from_ref(&other)));
         // A fast body is never moved.
         assert!(!s.switch_away("k", &fast, 300e6, left, &[slow.clone(), other]));
     }
