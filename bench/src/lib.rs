@@ -11,6 +11,7 @@ pub mod image;
 pub mod images;
 pub mod netns;
 pub mod p2p;
+pub mod peers;
 pub mod process;
 pub mod pull;
 pub mod registry;

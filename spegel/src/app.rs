@@ -24,9 +24,7 @@ use crate::{
     registry::Registry,
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RoutingError, serve_http_bootstrap},
     store::{ContainerdStore, ContainerdStoreConfig, Store, StoreError},
-    telemetry::{
-        self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, multiaddr_socket_addr,
-    },
+    telemetry::{self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, peer_socket_addr},
 };
 
 /// How often per-peer metrics are exported and, without eBPF, unmeasured peers probed.
@@ -386,6 +384,11 @@ impl App {
             },
         )?;
         let upkeep_router = router.clone();
+        // The router lists peers by IP; probes and series are per IP, the port only lets a
+        // probe connect (every node listens for the router on the same port).
+        let router_port = split_host_port(&config.listen.router)
+            .map(|(_, port)| port)
+            .unwrap_or(5001);
         let throughput = selector.clone();
         let upkeep_task = tokio::spawn(telemetry::maintain(
             move || {
@@ -393,7 +396,7 @@ impl App {
                     .peers()
                     .into_iter()
                     .flat_map(|(_, addrs)| addrs)
-                    .filter_map(|a| multiaddr_socket_addr(&a))
+                    .filter_map(|a| peer_socket_addr(&a, router_port))
                     .collect()
             },
             (!telemetry.ebpf_enabled).then(|| telemetry.userspace.clone()),

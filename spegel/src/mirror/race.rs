@@ -123,6 +123,22 @@ impl Pool {
         }
     }
 
+    /// The key whose providers these are.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Providers known so far (the lookup's ready ones included) that did not fail or break
+    /// in this request, other than `current`.
+    pub fn alternatives(&mut self, current: &Peer) -> Vec<Peer> {
+        self.drain_ready();
+        self.known
+            .iter()
+            .filter(|k| !k.failed && k.broken == 0 && k.peer.id != current.id)
+            .map(|k| k.peer.clone())
+            .collect()
+    }
+
     /// Records that `peer`'s body broke, so resumes prefer other providers.
     pub fn mark_broken(&mut self, peer: &Peer) {
         if let Some(k) = self.known.iter_mut().find(|k| k.peer.id == peer.id) {
