@@ -60,11 +60,19 @@ pub trait AdvertisedView: Send + Sync + 'static {
 
 /// Shared snapshot handle; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct AdvertisedHandle(Arc<RwLock<Advertised>>);
+pub struct AdvertisedHandle(Arc<RwLock<Advertised>>, Arc<std::sync::atomic::AtomicU64>);
 
 impl AdvertisedView for AdvertisedHandle {
     fn advertised(&self) -> Advertised {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl AdvertisedHandle {
+    /// Counts the advertiser's publications: it moves whenever an image was named, changed or
+    /// deleted (and on every sync).
+    pub fn generation(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -495,6 +503,9 @@ impl Advertiser {
             keys: self.refcounts.len(),
         };
         *self.view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        self.view
+            .1
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -515,8 +526,11 @@ pub struct InProgressAdvertiser {
     poll: Duration,
     linger: Duration,
     stall: Duration,
-    /// Advertised digests; `Some(t)` once committed: withdrawn at `t`.
-    advertised: HashMap<Digest, Option<tokio::time::Instant>>,
+    /// Advertised digests; `Some((t, g))` once committed: withdrawn at `t`, or as soon as the
+    /// image advertiser's generation moves past `g`.
+    advertised: HashMap<Digest, Option<(tokio::time::Instant, u64)>>,
+    /// The image advertiser, whose next publication after a commit names the blob's image.
+    images: Option<AdvertisedHandle>,
 }
 
 impl InProgressAdvertiser {
@@ -529,7 +543,16 @@ impl InProgressAdvertiser {
             linger: IN_PROGRESS_LINGER,
             stall: crate::store::ingest::DEFAULT_STALL,
             advertised: HashMap::new(),
+            images: None,
         }
+    }
+
+    /// Ends a committed blob's linger at the image advertiser's next publication: by then the
+    /// image that holds it is advertised under its own keys (or was deleted, and the blob
+    /// must not stay visible through this one).
+    pub fn with_images(mut self, images: AdvertisedHandle) -> Self {
+        self.images = Some(images);
+        self
     }
 
     /// Sets how long a committed blob stays advertised as in progress.
@@ -605,7 +628,8 @@ impl InProgressAdvertiser {
             }
         }
         let mut gone = Vec::new();
-        let ended: Vec<(Digest, Option<tokio::time::Instant>)> = self
+        let generation = self.images.as_ref().map(AdvertisedHandle::generation);
+        let ended: Vec<(Digest, Option<(tokio::time::Instant, u64)>)> = self
             .advertised
             .iter()
             .map(|(d, s)| (d.clone(), *s))
@@ -619,11 +643,13 @@ impl InProgressAdvertiser {
             let reason = match state {
                 None if stalled.contains(&digest) => "stalled",
                 None if self.store.descriptor(&digest).await.is_ok() => {
-                    self.advertised.insert(digest, Some(now + self.linger));
+                    let at = now + self.linger;
+                    self.advertised
+                        .insert(digest, Some((at, generation.unwrap_or(0))));
                     continue;
                 }
                 None => "abandoned",
-                Some(at) if now < at => continue,
+                Some((at, seen)) if now < at && generation.is_none_or(|g| g == seen) => continue,
                 Some(_) => "committed",
             };
             metrics::global()

@@ -358,8 +358,11 @@ impl App {
         );
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
-        let in_progress_task =
-            tokio::spawn(InProgressAdvertiser::new(store.clone(), shared_router.clone()).run());
+        let in_progress_task = tokio::spawn(
+            InProgressAdvertiser::new(store.clone(), shared_router.clone())
+                .with_images(advertised.clone())
+                .run(),
+        );
 
         // Off by default: a disabled record costs one branch per request.
         let activity = if config.visualize {

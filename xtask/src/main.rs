@@ -120,7 +120,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // Build the daemon first: integration tests run it as a separate process, as users do.
     build_daemon()?;
     let mut rust = Command::new("cargo");
-    rust.args(["test", "--workspace", "--release"])
+    rust.args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(args)
         .env("SPEGEL_BIN", root.join("target/release/spegel"));
     eprintln!(
