@@ -215,6 +215,45 @@ fn run_bench_binary(root: &Path, bin: &str, args: &[String]) -> anyhow::Result<(
         bin,
     ]))?;
     run(Command::new(root.join("target/release").join(bin))
-        .args(args)
+        .args(pass_through(args))
         .env("SPEGEL_BIN", root.join("target/release/spegel")))
+}
+
+/// The arguments for a bench binary, without the `--` users write before them as in
+/// `cargo xtask bench serve -- --runs 7` (clap keeps it in a trailing list; the binary rejects it).
+fn pass_through(args: &[String]) -> Vec<&String> {
+    let mut dropped = false;
+    args.iter()
+        .filter(|a| {
+            let skip = !dropped && a.as_str() == "--";
+            dropped |= skip;
+            !skip
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_through;
+
+    #[test]
+    fn the_first_separator_is_dropped() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = |v: &[&str]| {
+            pass_through(&args(v))
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got(&["serve", "--", "--runs", "7"]),
+            args(&["serve", "--runs", "7"])
+        );
+        assert_eq!(got(&["--", "--keep"]), args(&["--keep"]));
+        assert_eq!(
+            got(&["serve", "--runs", "7"]),
+            args(&["serve", "--runs", "7"])
+        );
+        assert_eq!(got(&["a", "--", "--"]), args(&["a", "--"]));
+    }
 }
