@@ -1076,19 +1076,13 @@ mod tests {
 
     #[tokio::test]
     async fn ingests_are_advertised_in_progress_and_withdrawn() {
-        use crate::store::{ContainerdStore, ContainerdStoreConfig, ingest::fake::FakeIngest};
+        use crate::store::{ContainerdStore, ingest::fake::FakeIngest};
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("content");
         std::fs::create_dir_all(root.join("blobs")).unwrap();
         // No containerd behind the socket: committed content cannot be confirmed, so a
         // finished ingest is withdrawn at once.
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: root.display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), &root).await;
         let router = Arc::new(RecordingRouter::default());
         let mut adv = InProgressAdvertiser::new(Arc::new(store), router.clone());
         let before = metrics::global().in_progress_advertisements.get();

@@ -595,6 +595,21 @@ impl Store for ContainerdStore {
 }
 
 #[cfg(test)]
+impl ContainerdStore {
+    /// A store over `content` whose socket (in `dir`) has no containerd behind it: the content
+    /// API fails, the directory does not.
+    pub(crate) async fn without_containerd(dir: &Path, content: &Path) -> ContainerdStore {
+        ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: content.display().to_string(),
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -610,13 +625,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("content");
         // No containerd behind the socket: the content API fails, the directory does not.
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: root.display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), &root).await;
         assert_eq!(store.content_root(), None);
         let data = b"layer bytes".to_vec();
         let digest = Digest::sha256_of(&data);
@@ -657,13 +666,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: dir.path().display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), dir.path()).await;
         let same_size = dir.path().join("other");
         std::fs::write(&same_size, b"other bytes").unwrap();
         for (i, target) in [same_size.as_path(), Path::new("/etc/passwd")]
@@ -696,13 +699,7 @@ mod tests {
     async fn content_directory_that_is_a_file_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("blobs"), b"not a directory").unwrap();
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: dir.path().display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), dir.path()).await;
         let digest = Digest::sha256_of(b"x");
         assert!(store.open(&digest, None).await.is_err());
         assert_eq!(store.content_root(), None);
