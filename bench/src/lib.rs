@@ -9,6 +9,7 @@ pub mod forward;
 pub mod http;
 pub mod image;
 pub mod images;
+pub mod load;
 pub mod netns;
 pub mod p2p;
 pub mod peers;
