@@ -17,4 +17,5 @@ pub mod process;
 pub mod pull;
 pub mod registry;
 pub mod serve;
+pub mod soak;
 pub mod stats;

@@ -191,8 +191,10 @@ async fn fetch_once(
     slow: bool,
 ) -> anyhow::Result<Attempt> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = vec![0u8; 64 << 10];
     let mut head = Vec::new();
     let (status, length, rest) = loop {
@@ -305,11 +307,15 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
         .collect::<Result<_, _>>()?;
     // Node 2 forwards only once it has learnt a provider.
     let node2 = addrs[1].to_string();
-    wait_for("node 2 forwarding the layer", Duration::from_secs(60), || {
-        cluster
-            .get_from(2, &node2, &target, &[])
-            .is_ok_and(|r| r.status == 200 && r.sha256 == layer.digest)
-    })?;
+    wait_for(
+        "node 2 forwarding the layer",
+        Duration::from_secs(60),
+        || {
+            cluster
+                .get_from(2, &node2, &target, &[])
+                .is_ok_and(|r| r.status == 200 && r.sha256 == layer.digest)
+        },
+    )?;
     let pids: Vec<u32> = (1..=3)
         .map(|k| {
             cluster

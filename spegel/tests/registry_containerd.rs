@@ -343,8 +343,7 @@ fn serves_containerd_content_byte_identical() -> anyhow::Result<()> {
     assert!(log.contains("through the containerd content API"), "{log}");
 
     // Empty path: asks containerd where its content lives.
-    let (mut daemon, addr, _) =
-        start_daemon(&env, Path::new(""), &logs.path().join("auto.log"))?;
+    let (mut daemon, addr, _) = start_daemon(&env, Path::new(""), &logs.path().join("auto.log"))?;
     let blob = &env.images[0].blobs[1];
     let host = env.images[0]
         .reference

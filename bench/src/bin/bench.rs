@@ -1,5 +1,6 @@
 //! Benchmarks: `bench serve` (data path against nginx), `bench p2p`, `bench pull` (cluster
-//! pulls under three setups), `bench peers` (peer choice, probe overhead).
+//! pulls under three setups), `bench peers` (peer choice, probe overhead), `bench load`
+//! (concurrent GETs, memory and files), `bench soak` (resource trend under continuous pulls).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -67,6 +68,38 @@ enum Bench {
         serve_runs: usize,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/peers")]
+        output: PathBuf,
+    },
+    /// Concurrent blob GETs against a local, a forwarding and a content-API daemon, some
+    /// clients slow: byte-exact count, peak RSS and open files per daemon.
+    Load {
+        /// Clients of the local, the forwarding and the content-API daemon.
+        #[arg(long, value_delimiter = ',', default_value = "200,150,150")]
+        clients: Vec<usize>,
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 4)]
+        size_mib: u64,
+        /// Every n-th client reads slowly; 0 for none.
+        #[arg(long, default_value_t = 10)]
+        slow_every: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/load")]
+        output: PathBuf,
+    },
+    /// Continuous pulls through the mirror for a fixed time; every daemon's RSS, open files and
+    /// threads sampled, with their trend per minute.
+    Soak {
+        /// Nodes (node 1 holds the images, the others pull).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Minutes of pulls.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 5)]
+        interval_s: u64,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/soak")]
         output: PathBuf,
     },
     /// Peer-to-peer on a 3-node testbed: hit latency, miss penalty, large pull peer vs registry.
@@ -184,6 +217,61 @@ chart: {}",
                 md.display(),
                 svg.display()
             );
+        }
+        Bench::Load {
+            clients,
+            size_mib,
+            slow_every,
+            output,
+        } => {
+            let clients: [usize; 3] = clients.try_into().map_err(|_| {
+                anyhow::anyhow!("--clients takes three counts: local,forwarded,content-api")
+            })?;
+            let work = tempfile::tempdir()?;
+            let report = bench::load::run(&bench::load::Config {
+                clients,
+                size_mib,
+                slow_every,
+                work: work.path().to_path_buf(),
+                bin: bench::daemon::spegel_bin(),
+            })?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("load.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = report.markdown();
+            std::fs::write(output.join("load.md"), &table)?;
+            println!("{table}");
+            for f in report.failures.iter().take(10) {
+                println!("failed: {f}");
+            }
+        }
+        Bench::Soak {
+            nodes,
+            minutes,
+            interval_s,
+            output,
+        } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::soak::run(&bench::soak::Config {
+                nodes,
+                duration: Duration::from_secs(minutes * 60),
+                interval: Duration::from_secs(interval_s.max(1)),
+                work: work.path().to_path_buf(),
+                bin: bench::daemon::spegel_bin(),
+            })?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("soak.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = report.markdown();
+            std::fs::write(output.join("soak.md"), &table)?;
+            println!("{table}");
+            for f in report.failures.iter().take(10) {
+                println!("failed: {f}");
+            }
         }
         Bench::P2p {
             runs,

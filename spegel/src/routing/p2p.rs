@@ -536,7 +536,32 @@ impl EventLoop {
             .map(|b| b.num_entries())
             .sum();
         let connected = self.swarm.connected_peers().next().is_some();
-        self.ready.store(table > 0 && connected, Ordering::Relaxed);
+        let ready = table > 0 && connected;
+        let was_ready = self.ready.swap(ready, Ordering::Relaxed);
+        if ready && !was_ready {
+            self.provide_again();
+        }
+    }
+
+    /// Queues every key this node provides for a fresh provide query. Keys provided while the
+    /// node had no peer (the first node of a cluster advertises before anyone else is up) were
+    /// stored only locally: without this, the others could find them only by asking this node,
+    /// and only from the next re-provide on were the records where lookups look first.
+    fn provide_again(&mut self) {
+        let queued: HashSet<RecordKey> = self.provide_queue.iter().cloned().collect();
+        let local = *self.swarm.local_peer_id();
+        let keys: Vec<RecordKey> =
+            kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
+                .filter(|r| r.provider == local && !queued.contains(&r.key))
+                .map(|r| r.key.clone())
+                .collect();
+        if !keys.is_empty() {
+            debug!(
+                keys = keys.len(),
+                "connected to the cluster: providing every key again"
+            );
+        }
+        self.provide_queue.extend(keys);
     }
 
     fn refresh_shared(&mut self) {
