@@ -366,7 +366,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
             let mut i = 0usize;
             for (node, (&count, &addr)) in counts.iter().zip(addrs.iter()).enumerate() {
                 for _ in 0..count {
-                    let slow = slow_every > 0 && i % slow_every == 0;
+                    let slow = slow_every > 0 && i.is_multiple_of(slow_every);
                     i += 1;
                     let (target, digest) = (target.clone(), digest.clone());
                     tasks.push(tokio::spawn(async move {

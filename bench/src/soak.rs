@@ -90,6 +90,9 @@ fn edge_median(points: &[(f64, f64)], fraction: f64, last: bool) -> f64 {
     stats::median(&slice.iter().map(|p| p.1).collect::<Vec<_>>())
 }
 
+/// A figure's name, its (seconds, value) points and the unit it is divided by for display.
+type Figure = (&'static str, Vec<(f64, f64)>, f64);
+
 /// The whole soak.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
@@ -117,7 +120,7 @@ impl Report {
             self.series.first().map_or(0, |s| s.points.len())
         );
         for s in &self.series {
-            let figures: [(&str, Vec<(f64, f64)>, f64); 3] = [
+            let figures: [Figure; 3] = [
                 ("RSS (MiB)", s.values(|p| p.rss_kib), 1024.0),
                 ("open fds", s.values(|p| p.fds), 1.0),
                 ("threads", s.values(|p| p.threads), 1.0),
