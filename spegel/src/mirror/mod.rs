@@ -3,6 +3,7 @@
 //! resuming bodies (`body`), and the OCI requests to peers (`client`, over
 //! [`crate::http::Client`]). The registry sees only the [`Mirror`] trait.
 
+mod blame;
 mod body;
 mod client;
 mod cost;
@@ -17,7 +18,8 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
-pub use client::{FetchError, FetchSpec, describe};
+pub use blame::{BAD_PEER_CAPACITY, BAD_PEER_TTL, BadPeers};
+pub use client::{FetchError, FetchSpec, MISMATCH_REPORT_PATH, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
 pub use selector::{
@@ -168,6 +170,8 @@ struct Shared {
     hedger: Hedger,
     timeouts: AdaptiveTimeouts,
     config: MirrorConfig,
+    /// Peers that sent a blob not matching its digest, skipped for that digest.
+    bad_peers: BadPeers,
 }
 
 /// Forwards requests to the providers the router finds, hedging and resuming (§2.8).
@@ -201,6 +205,7 @@ impl PeerMirror {
                 hedger: Hedger::new(),
                 timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
                 config,
+                bad_peers: BadPeers::default(),
             }),
         })
     }
@@ -247,7 +252,8 @@ impl PeerMirror {
                 return not_found(0, "could not find peer for");
             }
         };
-        let mut pool = Pool::new(key.clone(), lookup);
+        // Ranges and HEADs cannot be verified, but skip the copies already known bad too.
+        let mut pool = Pool::new(key.clone(), lookup).excluding(shared.bad_peers.bad_for(&key));
         let spec = FetchSpec {
             path: request.path.clone(),
             head,
@@ -334,9 +340,13 @@ impl PeerMirror {
             deadline,
             record,
         );
+        let contributors = body.contributors();
         let mut stream = body.into_stream();
         if let Some(digest) = check {
-            stream = verify::verified(stream, digest, len);
+            let (shared, blamed) = (shared.clone(), digest.clone());
+            stream = verify::verified(stream, digest, len, move || {
+                blame::blob_mismatch(&shared, &blamed, contributors.peers())
+            });
         }
         response.body(Body::Stream { stream, len })
     }

@@ -2,6 +2,7 @@
 
 mod containerd;
 pub mod ingest;
+pub mod integrity;
 mod memory;
 
 use std::io;
@@ -14,6 +15,7 @@ use crate::oci::{ContentRange, Digest, Reference};
 
 pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
 pub use ingest::{GrowingFile, Ingest};
+pub use integrity::{CheckedStore, DEFAULT_VERIFY_BYTES_PER_SECOND, Integrity, Trigger, Verdict};
 pub use memory::MemoryStore;
 
 /// Size and media type of one piece of content.
