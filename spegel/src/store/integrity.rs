@@ -33,7 +33,7 @@ const CACHE: usize = 16384;
 /// A peer's report re-hashes a blob already verified unchanged only this long after the last
 /// hash: bit rot does not change a file's metadata, but reports must not make a node hash
 /// the same blob over and over.
-const REPORT_RECHECK: Duration = Duration::from_secs(600);
+const REPORT_RECHECK: Duration = Duration::from_secs(30);
 /// Bytes hashed between pacing checks.
 const CHUNK: usize = 1 << 20;
 
