@@ -15,5 +15,6 @@ pub mod peers;
 pub mod process;
 pub mod pull;
 pub mod registry;
+pub mod relay;
 pub mod serve;
 pub mod stats;

@@ -1,5 +1,6 @@
 //! Benchmarks: `bench serve` (data path against nginx), `bench p2p`, `bench pull` (cluster
-//! pulls under three setups), `bench peers` (peer choice, probe overhead).
+//! pulls under three setups), `bench peers` (peer choice, probe overhead), `bench relay`
+//! (CPU cost of verifying forwarded blobs).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -67,6 +68,19 @@ enum Bench {
         serve_runs: usize,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/peers")]
+        output: PathBuf,
+    },
+    /// CPU cost of verifying forwarded blobs: node 2 relays one layer from node 1, whole
+    /// (sha256-verified) against `Range: bytes=1-` (same path, not verifiable), alternating.
+    Relay {
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Transfer pairs (medians are reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/relay")]
         output: PathBuf,
     },
     /// Peer-to-peer on a 3-node testbed: hit latency, miss penalty, large pull peer vs registry.
@@ -184,6 +198,19 @@ chart: {}",
                 md.display(),
                 svg.display()
             );
+        }
+        Bench::Relay {
+            size_mib,
+            runs,
+            output,
+        } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::relay::run(work.path(), runs.max(1), size_mib)?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(output.join("relay.json"), serde_json::to_vec_pretty(&report)?)?;
+            let table = bench::relay::table(&report);
+            std::fs::write(output.join("relay.md"), &table)?;
+            println!("{table}");
         }
         Bench::P2p {
             runs,
