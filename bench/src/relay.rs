@@ -102,7 +102,10 @@ fn fetch(addr: SocketAddr, target: &str, range: Option<&str>) -> anyhow::Result<
 }
 
 fn summary(transfers: &[Transfer], verified: bool) -> Summary {
-    let of: Vec<&Transfer> = transfers.iter().filter(|t| t.verified == verified).collect();
+    let of: Vec<&Transfer> = transfers
+        .iter()
+        .filter(|t| t.verified == verified)
+        .collect();
     let per_gib = |f: &dyn Fn(&Transfer) -> f64| {
         stats::median(
             &of.iter()
@@ -174,10 +177,7 @@ pub fn run(work: &Path, runs: usize, size_mib: u64) -> anyhow::Result<Report> {
             let seconds = started.elapsed().as_secs_f64();
             let cpu1 = (cpu_seconds(&[relay_pid]), cpu_seconds(&[server_pid]));
             let expected = if verified { layer.size } else { layer.size - 1 };
-            anyhow::ensure!(
-                bytes == expected,
-                "got {bytes} bytes, expected {expected}"
-            );
+            anyhow::ensure!(bytes == expected, "got {bytes} bytes, expected {expected}");
             if i == 0 {
                 continue;
             }

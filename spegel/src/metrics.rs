@@ -428,7 +428,10 @@ impl Metrics {
                 .register(Box::new(m.mirror_bad_peer_skips.clone())),
         );
         must(m.registry.register(Box::new(m.store_corrupt_blobs.clone())));
-        must(m.registry.register(Box::new(m.store_verified_bytes.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.store_verified_bytes.clone())),
+        );
         must(m.registry.register(Box::new(m.store_verifications.clone())));
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

@@ -129,10 +129,22 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
     let advertised_before = metric(&cluster, 1, 1, "spegel_advertised_content_digests");
     flip_byte(&cluster.node(1).blob_path(&layer.digest))?;
 
-    let served_bytes =
-        || metric(&cluster, 2, 1, "http_response_size_bytes_sum{code=\"200\",handler=\"/v2/*\",method=\"GET\"");
-    let mismatches =
-        || metric(&cluster, 2, 2, "spegel_mirror_digest_checks_total{outcome=\"mismatch\"");
+    let served_bytes = || {
+        metric(
+            &cluster,
+            2,
+            1,
+            "http_response_size_bytes_sum{code=\"200\",handler=\"/v2/*\",method=\"GET\"",
+        )
+    };
+    let mismatches = || {
+        metric(
+            &cluster,
+            2,
+            2,
+            "spegel_mirror_digest_checks_total{outcome=\"mismatch\"",
+        )
+    };
     // The first pull gets node 1's copy, whose last bytes are held back and cut: it may fail.
     let mut attempts = 0;
     let mut first_error = None;
@@ -154,8 +166,16 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
     }
     eprintln!("pulls: {attempts}, first failed: {}", first_error.is_some());
     let path2 = cluster.node(2).blob_path(&layer.digest);
-    assert_eq!(sha256_file(&path2)?, layer.digest, "node 2 holds wrong bytes");
-    assert_eq!(mismatches(), 1.0, "node 2 saw node 1's corrupt copy exactly once");
+    assert_eq!(
+        sha256_file(&path2)?,
+        layer.digest,
+        "node 2 holds wrong bytes"
+    );
+    assert_eq!(
+        mismatches(),
+        1.0,
+        "node 2 saw node 1's corrupt copy exactly once"
+    );
     assert_eq!(metric(&cluster, 2, 2, "spegel_mirror_bad_peers_total"), 1.0);
     if attempts == 2 {
         // The second attempt found node 1 as a provider and skipped it; node 1 served no
@@ -177,10 +197,17 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
         Duration::from_secs(60),
         || metric(&cluster, 1, 1, "spegel_store_corrupt_blobs_total") >= 1.0,
     )?;
-    assert_eq!(metric(&cluster, 1, 1, "spegel_store_corrupt_blobs_total"), 1.0);
+    assert_eq!(
+        metric(&cluster, 1, 1, "spegel_store_corrupt_blobs_total"),
+        1.0
+    );
     assert!(metric(&cluster, 1, 1, "spegel_store_verifications_total") >= 1.0);
-    let get_from_peer = cluster.get_from(2, &node1, &layer_target, &[("X-Spegel-Mirrored", "true")])?;
-    assert_eq!(get_from_peer.status, 404, "node 1 still serves its corrupt copy");
+    let get_from_peer =
+        cluster.get_from(2, &node1, &layer_target, &[("X-Spegel-Mirrored", "true")])?;
+    assert_eq!(
+        get_from_peer.status, 404,
+        "node 1 still serves its corrupt copy"
+    );
     assert_eq!(
         head_via(2, &node1, &[("X-Spegel-Mirrored", "true")]),
         404,

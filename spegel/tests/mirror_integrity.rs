@@ -320,7 +320,10 @@ async fn a_corrupt_peer_costs_one_attempt_and_is_not_asked_again_for_that_digest
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert_eq!(gets(&bad_log), 1);
     assert!(metrics::global().mirror_bad_peers.get() > marked);
-    assert!(reported(&bad_log, &digest).await, "the bad peer was not told");
+    assert!(
+        reported(&bad_log, &digest).await,
+        "the bad peer was not told"
+    );
 
     // Still the only provider: the next request does not ask it but answers the 404 that sends
     // containerd upstream; a range request skips it too.

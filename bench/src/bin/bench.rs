@@ -207,7 +207,10 @@ chart: {}",
             let work = tempfile::tempdir()?;
             let report = bench::relay::run(work.path(), runs.max(1), size_mib)?;
             std::fs::create_dir_all(&output)?;
-            std::fs::write(output.join("relay.json"), serde_json::to_vec_pretty(&report)?)?;
+            std::fs::write(
+                output.join("relay.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
             let table = bench::relay::table(&report);
             std::fs::write(output.join("relay.md"), &table)?;
             println!("{table}");

@@ -54,7 +54,10 @@ impl BadPeers {
         if !entries.contains_key(&key) && entries.len() >= self.capacity {
             entries.retain(|_, at| now.duration_since(*at) < self.ttl);
             if entries.len() >= self.capacity
-                && let Some(oldest) = entries.iter().min_by_key(|(_, at)| **at).map(|(k, _)| k.clone())
+                && let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(k, _)| k.clone())
             {
                 entries.remove(&oldest);
             }

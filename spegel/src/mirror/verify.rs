@@ -125,7 +125,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_mismatch_callback_runs_once_and_only_on_a_mismatch() {
-        use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
         let content = b"0123456789";
         let calls = Arc::new(AtomicUsize::new(0));
         run_counting(content, Digest::sha256_of(content), calls.clone()).await;

@@ -113,7 +113,12 @@ mod tests {
         let reg = checked(store.clone(), integrity.clone());
         let path = |d: &Digest| format!("{MISMATCH_REPORT_PATH}{d}");
         assert_eq!(reg.handle(&request("GET", &path(&bad))).await.status, 405);
-        assert_eq!(reg.handle(&request("POST", &format!("{MISMATCH_REPORT_PATH}nonsense"))).await.status, 400);
+        assert_eq!(
+            reg.handle(&request("POST", &format!("{MISMATCH_REPORT_PATH}nonsense")))
+                .await
+                .status,
+            400
+        );
         assert_eq!(reg.handle(&request("POST", &path(&good))).await.status, 202);
         assert_eq!(reg.handle(&request("POST", &path(&bad))).await.status, 202);
         // Nothing is decided by the report itself.
@@ -125,8 +130,14 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert!(integrity.is_corrupt(&bad), "the node's own hash found the corruption");
-        assert!(!integrity.is_corrupt(&good), "an intact blob stays whatever a peer says");
+        assert!(
+            integrity.is_corrupt(&bad),
+            "the node's own hash found the corruption"
+        );
+        assert!(
+            !integrity.is_corrupt(&good),
+            "an intact blob stays whatever a peer says"
+        );
         task.abort();
     }
 }

@@ -503,7 +503,11 @@ mod tests {
         let store = MemoryStore::new();
         let good = store.add_blob("application/octet-stream", b"good bytes".to_vec());
         let bad = Digest::sha256_of(b"the bytes it should have");
-        store.add_blob_as(&bad, "application/octet-stream", b"the bytes it should hav3".to_vec());
+        store.add_blob_as(
+            &bad,
+            "application/octet-stream",
+            b"the bytes it should hav3".to_vec(),
+        );
         (Arc::new(store), good, bad)
     }
 
@@ -513,20 +517,35 @@ mod tests {
         let integrity = Integrity::new(0);
         let checked = CheckedStore::new(store.clone(), integrity.clone());
         let before = metrics::global().store_corrupt_blobs.get();
-        assert!(checked.descriptor(&bad).await.is_ok(), "unknown until verified");
+        assert!(
+            checked.descriptor(&bad).await.is_ok(),
+            "unknown until verified"
+        );
         assert_eq!(
-            integrity.verify(store.as_ref(), &good, Trigger::Served).await.unwrap(),
+            integrity
+                .verify(store.as_ref(), &good, Trigger::Served)
+                .await
+                .unwrap(),
             Verdict::Intact
         );
         assert_eq!(
-            integrity.verify(store.as_ref(), &good, Trigger::Served).await.unwrap(),
+            integrity
+                .verify(store.as_ref(), &good, Trigger::Served)
+                .await
+                .unwrap(),
             Verdict::Cached
         );
         assert_eq!(
-            integrity.verify(store.as_ref(), &bad, Trigger::Report).await.unwrap(),
+            integrity
+                .verify(store.as_ref(), &bad, Trigger::Report)
+                .await
+                .unwrap(),
             Verdict::Corrupt
         );
-        integrity.verify(store.as_ref(), &bad, Trigger::Report).await.unwrap();
+        integrity
+            .verify(store.as_ref(), &bad, Trigger::Report)
+            .await
+            .unwrap();
         assert!(metrics::global().store_corrupt_blobs.get() >= before + 1);
         assert!(checked.descriptor(&bad).await.unwrap_err().is_not_found());
         assert!(checked.open(&bad, None).await.unwrap_err().is_not_found());
@@ -551,7 +570,10 @@ mod tests {
         assert_eq!(event, ImageEvent::ContentDeleted(bad.clone()));
         assert!(integrity.is_corrupt(&bad));
         assert!(checked.open(&bad, None).await.unwrap_err().is_not_found());
-        assert!(!integrity.schedule(&bad, Trigger::Served), "a corrupt blob is not re-hashed when served");
+        assert!(
+            !integrity.schedule(&bad, Trigger::Served),
+            "a corrupt blob is not re-hashed when served"
+        );
         task.abort();
     }
 
