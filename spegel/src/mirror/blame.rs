@@ -48,9 +48,9 @@ impl BadPeers {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let key = (digest.to_string(), peer.to_string());
-        let fresh = !entries
+        let fresh = entries
             .get(&key)
-            .is_some_and(|at| now.duration_since(*at) < self.ttl);
+            .is_none_or(|at| now.duration_since(*at) >= self.ttl);
         if !entries.contains_key(&key) && entries.len() >= self.capacity {
             entries.retain(|_, at| now.duration_since(*at) < self.ttl);
             if entries.len() >= self.capacity
