@@ -25,7 +25,7 @@ use crate::{
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RoutingError, serve_http_bootstrap},
     store::{
         CheckedStore, ContainerdStore, ContainerdStoreConfig, DEFAULT_VERIFY_BYTES_PER_SECOND,
-        Integrity, Store, StoreError,
+        Integrity, Store, StoreError, abort_poisoned_ingests,
     },
     telemetry::{self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, peer_socket_addr},
 };
@@ -344,7 +344,8 @@ impl App {
         // Everything serves and advertises through the check that hides blobs found corrupt.
         let integrity = Integrity::new(DEFAULT_VERIFY_BYTES_PER_SECOND);
         let verify_task = tokio::spawn(integrity.clone().run(containerd.clone()));
-        let store: Arc<dyn Store> = Arc::new(CheckedStore::new(containerd, integrity.clone()));
+        let store: Arc<dyn Store> =
+            Arc::new(CheckedStore::new(containerd.clone(), integrity.clone()));
         let registry_listener = bind("registry", config.listen.registry).await?;
         let metrics_listener = bind("metrics", config.listen.metrics).await?;
 
@@ -391,6 +392,10 @@ impl App {
                 telemetry: Some(telemetry.source.clone()),
                 connection_telemetry: Some(telemetry.userspace.clone()),
                 activity: activity.clone(),
+                // containerd has written the wrong bytes it got; its retry must start afresh.
+                on_corrupt_blob: Some(Arc::new(move |digest: &crate::oci::Digest| {
+                    abort_poisoned_ingests(containerd.clone(), digest.clone())
+                })),
                 ..Default::default()
             },
         )?;

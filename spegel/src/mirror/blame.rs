@@ -113,6 +113,9 @@ impl Contributors {
 /// wrong), is demoted in the selector, and is asked to verify its copy.
 pub(super) fn blob_mismatch(shared: &Arc<Shared>, digest: &Digest, peers: Vec<Peer>) {
     let key = digest.to_string();
+    if let Some(hook) = &shared.config.on_corrupt_blob {
+        hook(digest);
+    }
     for peer in peers {
         error!(%digest, peer = %peer.id, "peer served a blob that does not match its digest; not asking it for this digest again");
         if shared.bad_peers.mark(&key, &peer.id) {

@@ -97,6 +97,9 @@ pub struct MirrorConfig {
     pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
     /// Record of peer fetches for `/visualize` (disabled by default).
     pub activity: Activity,
+    /// Called with the digest when a whole blob relayed from peers did not match it (the
+    /// client holds a wrong partial copy), e.g. to abort the local ingest.
+    pub on_corrupt_blob: Option<Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>>,
 }
 
 impl Default for MirrorConfig {
@@ -113,6 +116,7 @@ impl Default for MirrorConfig {
             telemetry: None,
             connection_telemetry: None,
             activity: Activity::disabled(),
+            on_corrupt_blob: None,
         }
     }
 }

@@ -458,6 +458,35 @@ impl Store for CheckedStore {
         }
         self.inner.open_in_progress(digest).await
     }
+
+    async fn abort_ingests(
+        &self,
+        digest: &Digest,
+        started_before: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        self.inner.abort_ingests(digest, started_before).await
+    }
+}
+
+/// Tries a few times in the next seconds to abort the local writes of `digest` begun by now:
+/// this node's mirror just relayed them bytes that do not match the digest, all but the last
+/// of which the client (containerd) has written into its ingest. containerd resumes an ingest
+/// where it stopped, so a later pull would complete the wrong prefix and fail its commit again
+/// and again; aborted, the retry starts from byte 0 (from another peer or upstream).
+pub fn abort_poisoned_ingests(store: Arc<dyn Store>, digest: Digest) {
+    const TRIES: usize = 10;
+    const PAUSE: Duration = Duration::from_millis(500);
+    let now = std::time::SystemTime::now();
+    tokio::spawn(async move {
+        for _ in 0..TRIES {
+            match store.abort_ingests(&digest, now).await {
+                Ok(0) => {}
+                Ok(_) => return,
+                Err(e) => debug!(%digest, error = %e, "could not abort ingest yet"),
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+    });
 }
 
 /// `inner`'s events with a [`ImageEvent::ContentDeleted`] for every blob found corrupt; ends
