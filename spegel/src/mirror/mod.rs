@@ -71,6 +71,9 @@ pub trait Mirror: Send + Sync + 'static {
     async fn forward(&self, request: MirrorRequest) -> Response;
 }
 
+/// What [`MirrorConfig::on_corrupt_blob`] calls with the digest of a blob relayed corrupt.
+pub type CorruptBlobHook = Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>;
+
 /// Settings of [`PeerMirror`].
 #[derive(Clone)]
 pub struct MirrorConfig {
@@ -99,7 +102,7 @@ pub struct MirrorConfig {
     pub activity: Activity,
     /// Called with the digest when a whole blob relayed from peers did not match it (the
     /// client holds a wrong partial copy), e.g. to abort the local ingest.
-    pub on_corrupt_blob: Option<Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>>,
+    pub on_corrupt_blob: Option<CorruptBlobHook>,
 }
 
 impl Default for MirrorConfig {

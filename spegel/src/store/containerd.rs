@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use containerd_client::events::ContentDelete;
 use containerd_client::services::v1::{
     AbortRequest, GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest,
-    ListImagesRequest, ListStatusesRequest, PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
-    events_client::EventsClient, images_client::ImagesClient,
+    ListImagesRequest, ListStatusesRequest, PluginsRequest, ReadContentRequest, SubscribeRequest,
+    content_client::ContentClient, events_client::EventsClient, images_client::ImagesClient,
     introspection_client::IntrospectionClient,
 };
 use futures::{StreamExt, stream::BoxStream};
