@@ -14,11 +14,11 @@ use futures::StreamExt;
 use spegel::{
     http::{self, Body, Response, Timeouts},
     metrics,
-    mirror::{MISMATCH_REPORT_PATH, Mirror, MirrorConfig, MirrorRequest, PeerMirror},
+    mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror},
     oci::{ByteRange, Digest, DistributionPath, Filters},
     registry::Registry,
     routing::{Peer, Router, RoutingError},
-    store::MemoryStore,
+    store::{MISMATCH_REPORT_PATH, MemoryStore},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

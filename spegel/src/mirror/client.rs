@@ -15,15 +15,12 @@ use crate::{
         OCTET_STREAM,
     },
     routing::Peer,
+    store::MISMATCH_REPORT_PATH,
 };
 
 /// Delay between connection attempts to a peer's successive addresses (Happy Eyeballs).
 const EYEBALLS_DELAY: Duration = Duration::from_millis(15);
 
-/// Path prefix (then the digest) of the request telling a peer that a blob it served did not
-/// match its digest: `POST /spegel/v1/mismatch/sha256:…`, no body. It only asks the peer to
-/// verify its own copy; the peer decides from its own hash.
-pub const MISMATCH_REPORT_PATH: &str = "/spegel/v1/mismatch/";
 /// Longest a mismatch report may take; it is a hint, nobody waits for it.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
 pub use blame::{BAD_PEER_CAPACITY, BAD_PEER_TTL, BadPeers};
-pub use client::{FetchError, FetchSpec, MISMATCH_REPORT_PATH, describe};
+pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
 pub use selector::{

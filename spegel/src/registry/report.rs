@@ -11,9 +11,8 @@ use tracing::{info, warn};
 use super::Registry;
 use crate::{
     http::{Handler, Request, Response},
-    mirror::MISMATCH_REPORT_PATH,
     oci::Digest,
-    store::{Integrity, Trigger},
+    store::{Integrity, MISMATCH_REPORT_PATH, Trigger},
 };
 
 /// The registry with the mismatch report route in front of it.

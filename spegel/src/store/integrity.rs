@@ -24,6 +24,11 @@ use crate::{
     oci::{Algorithm, ContentRange, Digest},
 };
 
+/// Path prefix (then the digest) of the request telling a peer that a blob it served did not
+/// match its digest: `POST /spegel/v1/mismatch/sha256:…`, no body, on the registry port. It
+/// only queues the peer's own verification of its copy; the peer decides from its own hash.
+pub const MISMATCH_REPORT_PATH: &str = "/spegel/v1/mismatch/";
+
 /// Default hashing budget of the background verification, in bytes per second.
 pub const DEFAULT_VERIFY_BYTES_PER_SECOND: u64 = 64 << 20;
 /// Digests waiting for verification at most; more are dropped (and retried when served again).

@@ -16,8 +16,8 @@ use crate::oci::{ContentRange, Digest, Reference};
 pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
 pub use ingest::{GrowingFile, Ingest};
 pub use integrity::{
-    CheckedStore, DEFAULT_VERIFY_BYTES_PER_SECOND, Integrity, Trigger, Verdict,
-    abort_poisoned_ingests,
+    CheckedStore, DEFAULT_VERIFY_BYTES_PER_SECOND, Integrity, MISMATCH_REPORT_PATH, Trigger,
+    Verdict, abort_poisoned_ingests,
 };
 pub use memory::MemoryStore;
 
