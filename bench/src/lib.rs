@@ -16,6 +16,7 @@ pub mod peers;
 pub mod process;
 pub mod pull;
 pub mod registry;
+pub mod relay;
 pub mod serve;
 pub mod soak;
 pub mod stats;

@@ -21,9 +21,12 @@ use crate::{
     mirror::{MirrorConfig, MirrorError, PeerMirror, selector_for},
     net::{AddrError, parse_listen_addr, split_host_port},
     oci::{FilterError, Filters},
-    registry::Registry,
+    registry::{CheckedRegistry, Registry},
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RoutingError, serve_http_bootstrap},
-    store::{ContainerdStore, ContainerdStoreConfig, Store, StoreError},
+    store::{
+        CheckedStore, ContainerdStore, ContainerdStoreConfig, DEFAULT_VERIFY_BYTES_PER_SECOND,
+        Integrity, Store, StoreError, abort_poisoned_ingests,
+    },
     telemetry::{self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, peer_socket_addr},
 };
 
@@ -309,6 +312,7 @@ pub struct App {
     advertise_task: JoinHandle<()>,
     in_progress_task: JoinHandle<()>,
     upkeep_task: JoinHandle<()>,
+    verify_task: JoinHandle<()>,
     kernel: Option<Arc<KernelTelemetry>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     shutdown: watch::Sender<bool>,
@@ -336,7 +340,12 @@ impl App {
         let selection = telemetry::choose_selection(config.telemetry.peer_selection, true);
         let selector = selector_for(selection, Some(telemetry.source.clone()));
         info!(selection = ?selection, telemetry = telemetry.source.source(), "peer selection");
-        let store: Arc<dyn Store> = Arc::new(ContainerdStore::connect(config.store).await?);
+        let containerd: Arc<dyn Store> = Arc::new(ContainerdStore::connect(config.store).await?);
+        // Everything serves and advertises through the check that hides blobs found corrupt.
+        let integrity = Integrity::new(DEFAULT_VERIFY_BYTES_PER_SECOND);
+        let verify_task = tokio::spawn(integrity.clone().run(containerd.clone()));
+        let store: Arc<dyn Store> =
+            Arc::new(CheckedStore::new(containerd.clone(), integrity.clone()));
         let registry_listener = bind("registry", config.listen.registry).await?;
         let metrics_listener = bind("metrics", config.listen.metrics).await?;
 
@@ -383,6 +392,10 @@ impl App {
                 telemetry: Some(telemetry.source.clone()),
                 connection_telemetry: Some(telemetry.userspace.clone()),
                 activity: activity.clone(),
+                // containerd has written the wrong bytes it got; its retry must start afresh.
+                on_corrupt_blob: Some(Arc::new(move |digest: &crate::oci::Digest| {
+                    abort_poisoned_ingests(containerd.clone(), digest.clone())
+                })),
                 ..Default::default()
             },
         )?;
@@ -460,7 +473,10 @@ impl App {
             // Each listener counts its own connections: a full registry port leaves metrics up.
             tokio::spawn(http::serve_with(
                 registry_listener,
-                Arc::new(registry),
+                Arc::new(CheckedRegistry {
+                    registry,
+                    integrity,
+                }),
                 timeouts,
                 config.limits,
                 shutdown_rx.clone(),
@@ -490,6 +506,7 @@ impl App {
             advertise_task,
             in_progress_task,
             upkeep_task,
+            verify_task,
             kernel,
             servers,
             shutdown,
@@ -513,6 +530,7 @@ impl App {
         self.advertise_task.abort();
         self.in_progress_task.abort();
         self.upkeep_task.abort();
+        self.verify_task.abort();
         let _ = self.shutdown.send(true);
         for task in self.servers {
             task.await

@@ -66,6 +66,21 @@ pub struct Metrics {
     /// `spegel_mirror_digest_checks_total{outcome}`: whole blobs forwarded from peers whose
     /// digest was checked before their last bytes were released, `outcome` = ok|mismatch.
     pub mirror_digest_checks: IntCounterVec,
+    /// `spegel_mirror_bad_peers_total`: times a peer was marked bad for a digest because a
+    /// whole blob it supplied bytes of did not match the digest (not in the original).
+    pub mirror_bad_peers: IntCounter,
+    /// `spegel_mirror_bad_peer_skips_total`: providers a lookup found but a forward skipped
+    /// because they are marked bad for that digest (not in the original).
+    pub mirror_bad_peer_skips: IntCounter,
+    /// `spegel_store_corrupt_blobs_total`: local blobs whose content was found not to match
+    /// their digest; they are no longer served or advertised (not in the original).
+    pub store_corrupt_blobs: IntCounter,
+    /// `spegel_store_verified_bytes_total`: bytes of local blobs hashed by the background
+    /// verification (not in the original).
+    pub store_verified_bytes: IntCounter,
+    /// `spegel_store_verifications_total{trigger}`: background verifications of local blobs,
+    /// `trigger` = served|report (not in the original).
+    pub store_verifications: IntCounterVec,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
     /// `spegel_http_connections_refused_total{reason}`: connections closed by the connection
@@ -293,6 +308,29 @@ impl Metrics {
                 ),
                 &["outcome"],
             )),
+            mirror_bad_peers: must(IntCounter::new(
+                "spegel_mirror_bad_peers_total",
+                "Peers marked bad for a digest after a blob from them did not match it.",
+            )),
+            mirror_bad_peer_skips: must(IntCounter::new(
+                "spegel_mirror_bad_peer_skips_total",
+                "Providers skipped because they are marked bad for the requested digest.",
+            )),
+            store_corrupt_blobs: must(IntCounter::new(
+                "spegel_store_corrupt_blobs_total",
+                "Local blobs found not to match their digest (no longer served or advertised).",
+            )),
+            store_verified_bytes: must(IntCounter::new(
+                "spegel_store_verified_bytes_total",
+                "Bytes of local blobs hashed by the background verification.",
+            )),
+            store_verifications: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_store_verifications_total",
+                    "Background verifications of local blobs by trigger.",
+                ),
+                &["trigger"],
+            )),
             ebpf_enabled: must(IntGauge::new(
                 "spegel_ebpf_enabled",
                 "Whether the eBPF telemetry probes are loaded (1) or not (0).",
@@ -384,6 +422,17 @@ impl Metrics {
             m.registry
                 .register(Box::new(m.mirror_digest_checks.clone())),
         );
+        must(m.registry.register(Box::new(m.mirror_bad_peers.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.mirror_bad_peer_skips.clone())),
+        );
+        must(m.registry.register(Box::new(m.store_corrupt_blobs.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.store_verified_bytes.clone())),
+        );
+        must(m.registry.register(Box::new(m.store_verifications.clone())));
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));

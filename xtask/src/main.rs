@@ -51,7 +51,8 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
-    /// Run a benchmark (`serve`, `p2p`, `pull`, `peers`, `load`, `soak`); see `cargo xtask bench -- --help`.
+    /// Run a benchmark (`serve`, `p2p`, `pull`, `peers`, `load`, `soak`, `relay`); see
+    /// `cargo xtask bench -- --help`.
     Bench {
         /// Benchmark name and its arguments.
         #[arg(trailing_var_arg = true)]

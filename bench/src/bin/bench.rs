@@ -1,6 +1,7 @@
 //! Benchmarks: `bench serve` (data path against nginx), `bench p2p`, `bench pull` (cluster
 //! pulls under three setups), `bench peers` (peer choice, probe overhead), `bench load`
-//! (concurrent GETs, memory and files), `bench soak` (resource trend under continuous pulls).
+//! (concurrent GETs, memory and files), `bench soak` (resource trend under continuous pulls),
+//! `bench relay` (CPU cost of verifying forwarded blobs).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -100,6 +101,19 @@ enum Bench {
         interval_s: u64,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/soak")]
+        output: PathBuf,
+    },
+    /// CPU cost of verifying forwarded blobs: node 2 relays one layer from node 1, whole
+    /// (sha256-verified) against `Range: bytes=1-` (same path, not verifiable), alternating.
+    Relay {
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Transfer pairs (medians are reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/relay")]
         output: PathBuf,
     },
     /// Peer-to-peer on a 3-node testbed: hit latency, miss penalty, large pull peer vs registry.
@@ -272,6 +286,22 @@ chart: {}",
             for f in report.failures.iter().take(10) {
                 println!("failed: {f}");
             }
+        }
+        Bench::Relay {
+            size_mib,
+            runs,
+            output,
+        } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::relay::run(work.path(), runs.max(1), size_mib)?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("relay.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = bench::relay::table(&report);
+            std::fs::write(output.join("relay.md"), &table)?;
+            println!("{table}");
         }
         Bench::P2p {
             runs,

@@ -15,6 +15,7 @@ use tracing::{Instrument, Span, debug, info, warn};
 
 use super::{
     Shared,
+    blame::Contributors,
     client::FetchSpec,
     race::{InFlight, Pool, Winner, race},
     selector::Outcome,
@@ -60,6 +61,8 @@ pub struct ResumingBody {
     /// Recorded for `/visualize` when the body ends or is dropped.
     pub(super) record: Option<super::OutRecord>,
     pub(super) failed: bool,
+    /// Peers whose bytes went into the body, blamed if the whole does not match its digest.
+    pub(super) contributors: Contributors,
 }
 
 impl Drop for ResumingBody {
@@ -104,7 +107,13 @@ impl ResumingBody {
             segment: (Instant::now(), 0),
             record,
             failed: false,
+            contributors: Contributors::default(),
         }
+    }
+
+    /// The record of which peers delivered bytes of this body (shared, kept up to date).
+    pub(super) fn contributors(&self) -> Contributors {
+        self.contributors.clone()
     }
 
     /// Tells the selector how fast the current peer delivered since the last report, and
@@ -188,13 +197,14 @@ impl ResumingBody {
         loop {
             let failure = match &mut self.current {
                 None => "no response body".to_string(),
-                Some((_, body, _)) => {
+                Some((peer, body, _)) => {
                     let stall = tokio::time::Instant::now() + self.shared.config.body_stall_timeout;
                     let limit = self.deadline.map_or(stall, |d| d.min(stall));
                     match tokio::time::timeout_at(limit, body.frame()).await {
                         Ok(Some(Ok(frame))) => match frame.into_data() {
                             Ok(data) if !data.is_empty() => {
                                 let take = data.len().min((self.len - self.sent) as usize);
+                                self.contributors.add(peer);
                                 self.sent += take as u64;
                                 self.segment.1 += take as u64;
                                 if let Some(rate) = self.report_transfer(self.sent >= self.len) {

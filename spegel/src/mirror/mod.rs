@@ -3,6 +3,7 @@
 //! resuming bodies (`body`), and the OCI requests to peers (`client`, over
 //! [`crate::http::Client`]). The registry sees only the [`Mirror`] trait.
 
+mod blame;
 mod body;
 mod client;
 mod cost;
@@ -17,6 +18,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use blame::{BAD_PEER_CAPACITY, BAD_PEER_TTL, BadPeers};
 pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
@@ -69,6 +71,9 @@ pub trait Mirror: Send + Sync + 'static {
     async fn forward(&self, request: MirrorRequest) -> Response;
 }
 
+/// What [`MirrorConfig::on_corrupt_blob`] calls with the digest of a blob relayed corrupt.
+pub type CorruptBlobHook = Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>;
+
 /// Settings of [`PeerMirror`].
 #[derive(Clone)]
 pub struct MirrorConfig {
@@ -95,6 +100,9 @@ pub struct MirrorConfig {
     pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
     /// Record of peer fetches for `/visualize` (disabled by default).
     pub activity: Activity,
+    /// Called with the digest when a whole blob relayed from peers did not match it (the
+    /// client holds a wrong partial copy), e.g. to abort the local ingest.
+    pub on_corrupt_blob: Option<CorruptBlobHook>,
 }
 
 impl Default for MirrorConfig {
@@ -111,6 +119,7 @@ impl Default for MirrorConfig {
             telemetry: None,
             connection_telemetry: None,
             activity: Activity::disabled(),
+            on_corrupt_blob: None,
         }
     }
 }
@@ -168,6 +177,8 @@ struct Shared {
     hedger: Hedger,
     timeouts: AdaptiveTimeouts,
     config: MirrorConfig,
+    /// Peers that sent a blob not matching its digest, skipped for that digest.
+    bad_peers: BadPeers,
 }
 
 /// Forwards requests to the providers the router finds, hedging and resuming (§2.8).
@@ -201,6 +212,7 @@ impl PeerMirror {
                 hedger: Hedger::new(),
                 timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
                 config,
+                bad_peers: BadPeers::default(),
             }),
         })
     }
@@ -247,7 +259,8 @@ impl PeerMirror {
                 return not_found(0, "could not find peer for");
             }
         };
-        let mut pool = Pool::new(key.clone(), lookup);
+        // Ranges and HEADs cannot be verified, but skip the copies already known bad too.
+        let mut pool = Pool::new(key.clone(), lookup).excluding(shared.bad_peers.bad_for(&key));
         let spec = FetchSpec {
             path: request.path.clone(),
             head,
@@ -334,9 +347,13 @@ impl PeerMirror {
             deadline,
             record,
         );
+        let contributors = body.contributors();
         let mut stream = body.into_stream();
         if let Some(digest) = check {
-            stream = verify::verified(stream, digest, len);
+            let (shared, blamed) = (shared.clone(), digest.clone());
+            stream = verify::verified(stream, digest, len, move || {
+                blame::blob_mismatch(&shared, &blamed, contributors.peers())
+            });
         }
         response.body(Body::Stream { stream, len })
     }

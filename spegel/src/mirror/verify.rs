@@ -12,17 +12,21 @@ use tracing::warn;
 
 use crate::{metrics, oci::Digest};
 
-/// Wraps `stream`, which yields exactly `len` bytes of content that must hash to `expected`.
+/// Wraps `stream`, which yields exactly `len` bytes of content that must hash to `expected`;
+/// `on_mismatch` runs once when it does not, before the body is cut.
 pub(super) fn verified(
     stream: BoxStream<'static, io::Result<Bytes>>,
     expected: Digest,
     len: u64,
+    on_mismatch: impl FnOnce() + Send + 'static,
 ) -> BoxStream<'static, io::Result<Bytes>> {
+    let on_mismatch = std::sync::Arc::new(std::sync::Mutex::new(Some(on_mismatch)));
     let state = (stream, sha2::Sha256::new(), 0u64, false);
     Box::pin(futures::stream::unfold(
         state,
         move |(mut stream, mut hasher, mut seen, done)| {
             let expected = expected.clone();
+            let on_mismatch = on_mismatch.clone();
             async move {
                 if done {
                     return None;
@@ -51,6 +55,10 @@ pub(super) fn verified(
                 }
                 warn!(%expected, actual = %format!("sha256:{actual}"),
                     "peer sent a blob that does not match its digest, cutting the response");
+                let callback = on_mismatch.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(callback) = callback {
+                    callback();
+                }
                 Some((
                     Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -68,6 +76,14 @@ mod tests {
     use super::*;
 
     async fn run(content: &'static [u8], expected: Digest) -> Vec<io::Result<Bytes>> {
+        run_counting(content, expected, Default::default()).await
+    }
+
+    async fn run_counting(
+        content: &'static [u8],
+        expected: Digest,
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Vec<io::Result<Bytes>> {
         let chunks: Vec<io::Result<Bytes>> = content
             .chunks(3)
             .map(|c| Ok(Bytes::from_static(c)))
@@ -76,6 +92,9 @@ mod tests {
             Box::pin(futures::stream::iter(chunks)),
             expected,
             content.len() as u64,
+            move || {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
         )
         .collect()
         .await
@@ -102,5 +121,19 @@ mod tests {
         assert_eq!(sent, 9, "every byte but the last chunk's");
         let err = out.last().unwrap().as_ref().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn the_mismatch_callback_runs_once_and_only_on_a_mismatch() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        let content = b"0123456789";
+        let calls = Arc::new(AtomicUsize::new(0));
+        run_counting(content, Digest::sha256_of(content), calls.clone()).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        run_counting(content, Digest::sha256_of(b"other"), calls.clone()).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

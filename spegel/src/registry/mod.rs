@@ -2,6 +2,10 @@
 //! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
 //! is given; the HTTP server around it is [`crate::http`].
 
+mod report;
+
+pub use report::CheckedRegistry;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -11,9 +11,9 @@ use std::{
 use async_trait::async_trait;
 use containerd_client::events::ContentDelete;
 use containerd_client::services::v1::{
-    GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
-    PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
-    events_client::EventsClient, images_client::ImagesClient,
+    AbortRequest, GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest,
+    ListImagesRequest, ListStatusesRequest, PluginsRequest, ReadContentRequest, SubscribeRequest,
+    content_client::ContentClient, events_client::EventsClient, images_client::ImagesClient,
     introspection_client::IntrospectionClient,
 };
 use futures::{StreamExt, stream::BoxStream};
@@ -524,6 +524,54 @@ impl Store for ContainerdStore {
             Some(root) => super::ingest::scan(root),
             None => Vec::new(),
         })
+    }
+
+    async fn abort_ingests(
+        &self,
+        digest: &Digest,
+        started_before: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let statuses = client
+            .list_statuses(self.request(ListStatusesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status_to_error("ingests", s))?
+            .into_inner()
+            .statuses;
+        let limit = started_before
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let wanted = digest.to_string();
+        let mut aborted = 0;
+        for status in statuses {
+            let names = status.expected == wanted
+                || super::ingest::digest_of_ref(&status.r#ref).as_ref() == Some(digest);
+            let started = status.started_at.map(|t| {
+                Duration::new(
+                    u64::try_from(t.seconds).unwrap_or(0),
+                    u32::try_from(t.nanos).unwrap_or(0),
+                )
+            });
+            // A write begun after the mismatch is a fresh retry, not the poisoned one.
+            if !names || started.is_some_and(|t| t > limit) {
+                continue;
+            }
+            match client
+                .abort(self.request(AbortRequest {
+                    r#ref: status.r#ref.clone(),
+                }))
+                .await
+            {
+                Ok(_) => {
+                    warn!(%digest, reference = %status.r#ref, written = status.offset,
+                        "aborted a write that received bytes not matching the blob's digest");
+                    aborted += 1;
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(status_to_error(&status.r#ref, s)),
+            }
+        }
+        Ok(aborted)
     }
 
     async fn open_in_progress(

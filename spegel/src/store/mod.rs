@@ -2,6 +2,7 @@
 
 mod containerd;
 pub mod ingest;
+pub mod integrity;
 mod memory;
 
 use std::io;
@@ -14,6 +15,10 @@ use crate::oci::{ContentRange, Digest, Reference};
 
 pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
 pub use ingest::{GrowingFile, Ingest};
+pub use integrity::{
+    CheckedStore, DEFAULT_VERIFY_BYTES_PER_SECOND, Integrity, MISMATCH_REPORT_PATH, Trigger,
+    Verdict, abort_poisoned_ingests,
+};
 pub use memory::MemoryStore;
 
 /// Size and media type of one piece of content.
@@ -151,6 +156,17 @@ pub trait Store: Send + Sync + 'static {
     /// being written or its final size is unknown.
     async fn open_in_progress(&self, _digest: &Digest) -> Result<Option<GrowingFile>, StoreError> {
         Ok(None)
+    }
+
+    /// Aborts the writes of blob `digest` into the store that started before `started_before`
+    /// (they received bytes that do not match it, and would poison every retry that resumes
+    /// them); returns how many were aborted.
+    async fn abort_ingests(
+        &self,
+        _digest: &Digest,
+        _started_before: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        Ok(0)
     }
 }
 
