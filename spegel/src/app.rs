@@ -131,6 +131,8 @@ pub struct MirrorSettings {
     pub max_resumes: usize,
     /// Stall after which a peer body counts as broken.
     pub body_stall_timeout: Duration,
+    /// Longest wait for another node fetching a blob missed at the same time; zero disables.
+    pub intent_wait: Duration,
 }
 
 /// The whole daemon configuration, validated.
@@ -207,6 +209,7 @@ impl AppConfig {
                 race_timeout_floor: args.mirror_race_timeout_floor,
                 max_resumes: args.mirror_max_resumes,
                 body_stall_timeout: args.mirror_body_stall_timeout,
+                intent_wait: args.mirror_intent_wait,
             },
             telemetry: TelemetryConfig {
                 ebpf: args.ebpf,
@@ -383,6 +386,8 @@ impl App {
                 telemetry: Some(telemetry.source.clone()),
                 connection_telemetry: Some(telemetry.userspace.clone()),
                 activity: activity.clone(),
+                local_peer_id: Some(router.local_peer_id()),
+                intent_wait: config.mirror.intent_wait,
                 ..Default::default()
             },
         )?;

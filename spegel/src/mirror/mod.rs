@@ -7,6 +7,7 @@ mod body;
 mod client;
 mod cost;
 mod hedger;
+mod intent;
 mod lookup;
 mod race;
 mod selector;
@@ -20,6 +21,7 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
+pub use intent::{INTENT_TTL, WaitOutcome};
 pub use selector::{
     LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
 };
@@ -69,6 +71,10 @@ pub trait Mirror: Send + Sync + 'static {
     async fn forward(&self, request: MirrorRequest) -> Response;
 }
 
+/// Default of [`MirrorConfig::intent_wait`]: well under a second of added latency when the
+/// node waited for is slow to start.
+pub const DEFAULT_INTENT_WAIT: Duration = Duration::from_millis(300);
+
 /// Settings of [`PeerMirror`].
 #[derive(Clone)]
 pub struct MirrorConfig {
@@ -95,6 +101,12 @@ pub struct MirrorConfig {
     pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
     /// Record of peer fetches for `/visualize` (disabled by default).
     pub activity: Activity,
+    /// This node's peer ID, for the election among nodes that miss a blob at the same time;
+    /// `None` (the default) disables intents and waits.
+    pub local_peer_id: Option<String>,
+    /// Longest wait for another node that fetches a blob this one missed at the same time;
+    /// zero disables waits.
+    pub intent_wait: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -111,6 +123,8 @@ impl Default for MirrorConfig {
             telemetry: None,
             connection_telemetry: None,
             activity: Activity::disabled(),
+            local_peer_id: None,
+            intent_wait: DEFAULT_INTENT_WAIT,
         }
     }
 }
@@ -127,6 +141,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("body_stall_timeout", &self.body_stall_timeout)
             .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
             .field("connection_telemetry", &self.connection_telemetry.is_some())
+            .field("local_peer_id", &self.local_peer_id)
+            .field("intent_wait", &self.intent_wait)
             .finish_non_exhaustive()
     }
 }
@@ -167,6 +183,7 @@ struct Shared {
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
     timeouts: AdaptiveTimeouts,
+    intents: intent::Intents,
     config: MirrorConfig,
 }
 
@@ -200,6 +217,7 @@ impl PeerMirror {
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
                 timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
+                intents: intent::Intents::new(config.local_peer_id.clone()),
                 config,
             }),
         })
@@ -229,6 +247,13 @@ impl PeerMirror {
         let not_found = |attempts: usize, message: &str| {
             not_found_anywhere(kind, &key, attempts, message, head)
         };
+        // A blob miss is announced as an intent; the election among the nodes that missed it
+        // together runs beside the lookup and is read only if the lookup finds no source.
+        let election = if kind == Kind::Blob {
+            shared.intents.begin(&shared.router, &key)
+        } else {
+            None
+        };
         // A blob is also looked up among the nodes still downloading it (complete ones first);
         // their grace stays under the race's idle wait so it cannot make the race give up.
         let lookup = match lookup::lookup(
@@ -253,8 +278,29 @@ impl PeerMirror {
             head,
             range: request.range,
         };
-        let winner = match race(shared, &mut pool, &spec).await {
-            Ok(w) => w,
+        let mut waited = None;
+        let raced = race(shared, &mut pool, &spec).await;
+        let raced = match (raced, election) {
+            (Err(e), Some(election)) if !matches!(e, RaceError::Unsatisfiable { .. }) => {
+                match intent::wait(shared, election, &key, &spec).await {
+                    Some((from_wait, winner, duration)) => {
+                        pool = from_wait;
+                        waited = Some(duration);
+                        Ok(winner)
+                    }
+                    None => Err(e),
+                }
+            }
+            (raced, _) => raced,
+        };
+        let winner = match raced {
+            Ok(w) => {
+                if kind == Kind::Blob {
+                    // A source is found: this node's intent would only mislead later misses.
+                    shared.intents.settle(&key);
+                }
+                w
+            }
             Err(e) => {
                 debug!(error = ?e, "no peer could serve the request");
                 return match e {
@@ -301,6 +347,7 @@ impl PeerMirror {
                 e.status = response.status;
                 e.hedged = winner.attempts > 1;
                 e.head = head;
+                e.waited_ms = waited.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
                 e
             },
             started,
