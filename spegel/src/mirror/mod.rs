@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
-pub use intent::{INTENT_TTL, WaitOutcome};
+pub use intent::{INTENT_TTL, WaitOutcome, score as intent_score};
 pub use selector::{
     LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
 };
