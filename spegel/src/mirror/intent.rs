@@ -46,7 +46,9 @@ const PROBE_ROUND: Duration = Duration::from_millis(100);
 /// lookup horizon.
 const INTENT_LOOKUP_PEERS: usize = 20;
 /// Pause between repeated intent lookups while the normal lookup still runs.
-const INTENT_RELOOKUP: Duration = Duration::from_millis(5);
+const INTENT_RELOOKUP: Duration = Duration::from_millis(10);
+/// Most intent lookups per miss: a long race must not keep querying the DHT.
+const MAX_INTENT_LOOKUPS: usize = 16;
 
 /// How a wait ended (the `outcome` label of `spegel_mirror_waits_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +240,7 @@ async fn hold(
 async fn watch(router: Arc<dyn Router>, key: String, seen: Arc<Mutex<Vec<Peer>>>) {
     // Repeated: an intent advertised just after one lookup passed its node is caught by the
     // next. The election is decided (and this task aborted) when the normal lookup ends.
-    loop {
+    for _ in 0..MAX_INTENT_LOOKUPS {
         let mut rx = match router.lookup(&key, INTENT_LOOKUP_PEERS).await {
             Ok(rx) => rx,
             Err(e) => {
@@ -662,6 +664,16 @@ mod tests {
         assert!(election.decide().is_empty());
         // Without a peer ID there are no intents at all.
         assert!(Intents::new(None).begin(&router, DIGEST).is_none());
+    }
+
+    #[tokio::test]
+    async fn intent_lookups_per_miss_are_bounded() {
+        let fake = Arc::new(FakeRouter::default());
+        let router: Arc<dyn Router> = fake.clone();
+        let intents = Intents::new(Some("me".into()));
+        let election = intents.begin(&router, DIGEST).unwrap();
+        eventually("the lookups end", || election.task.is_finished()).await;
+        assert_eq!(fake.lookups.load(Ordering::Relaxed), MAX_INTENT_LOOKUPS);
     }
 
     #[tokio::test]
