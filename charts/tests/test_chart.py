@@ -171,6 +171,7 @@ def test_default_registry_container(default_manifests):
         "--log-level=INFO",
         "--mirror-resolve-retries=3",
         "--mirror-resolve-timeout=20ms",
+        "--mirror-intent-wait=300ms",
         "--registry-addr=:5000",
         "--router-addr=:5001",
         "--metrics-addr=:9090",
@@ -385,6 +386,7 @@ def test_all_registry_container(all_manifests):
         "--log-level=DEBUG",
         "--mirror-resolve-retries=5",
         "--mirror-resolve-timeout=50ms",
+        "--mirror-intent-wait=500ms",
         "--registry-addr=:5100",
         "--router-addr=:5101",
         "--metrics-addr=:9190",
@@ -950,6 +952,8 @@ ORIGINAL_DEFAULTS = {
     "spegel.connections.maxPerIP": 256,
     "spegel.connections.firstByteTimeout": "10s",
     "spegel.connections.minTransferRate": 4096,
+    # Coordination of simultaneous misses of a blob (this project's addition).
+    "spegel.mirrorIntentWait": "300ms",
     "ebpf.enabled": False,
     "ebpf.required": False,
 }

@@ -134,6 +134,8 @@ pub struct MirrorSettings {
     pub max_resumes: usize,
     /// Stall after which a peer body counts as broken.
     pub body_stall_timeout: Duration,
+    /// Longest wait for another node fetching a blob missed at the same time; zero disables.
+    pub intent_wait: Duration,
 }
 
 /// The whole daemon configuration, validated.
@@ -210,6 +212,7 @@ impl AppConfig {
                 race_timeout_floor: args.mirror_race_timeout_floor,
                 max_resumes: args.mirror_max_resumes,
                 body_stall_timeout: args.mirror_body_stall_timeout,
+                intent_wait: args.mirror_intent_wait,
             },
             telemetry: TelemetryConfig {
                 ebpf: args.ebpf,
@@ -396,6 +399,8 @@ impl App {
                 on_corrupt_blob: Some(Arc::new(move |digest: &crate::oci::Digest| {
                     abort_poisoned_ingests(containerd.clone(), digest.clone())
                 })),
+                local_peer_id: Some(router.local_peer_id()),
+                intent_wait: config.mirror.intent_wait,
                 ..Default::default()
             },
         )?;

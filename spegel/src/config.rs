@@ -178,6 +178,11 @@ pub struct RegistryArgs {
     /// original.
     #[arg(long, env = "MIRROR_BODY_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub mirror_body_stall_timeout: Duration,
+    /// Longest a blob miss waits for another node that missed it at the same moment and is
+    /// fetching it from upstream (elected by rendezvous hash); 0 disables. Not a flag of the
+    /// original.
+    #[arg(long, env = "MIRROR_INTENT_WAIT", default_value = "300ms", value_parser = parse_duration)]
+    pub mirror_intent_wait: Duration,
     /// Connections served at once on each listener (registry, metrics); more are closed at
     /// once, past a small reserve kept for /readyz, /livez and /metrics. Not a flag of the original.
     #[arg(long, env = "MAX_CONNECTIONS", default_value = "1024")]
@@ -374,6 +379,7 @@ mod tests {
         assert_eq!(args.mirror_race_timeout_floor, Duration::from_millis(100));
         assert_eq!(args.mirror_max_resumes, 5);
         assert_eq!(args.mirror_body_stall_timeout, Duration::from_secs(30));
+        assert_eq!(args.mirror_intent_wait, Duration::from_millis(300));
         assert_eq!(args.registry_addr, ":5000");
 
         let cli = Cli::try_parse_from([

@@ -81,6 +81,13 @@ pub struct Metrics {
     /// `spegel_store_verifications_total{trigger}`: background verifications of local blobs,
     /// `trigger` = served|report (not in the original).
     pub store_verifications: IntCounterVec,
+    /// `spegel_mirror_intent_advertisements_total`: intents to fetch a missed blob advertised.
+    pub mirror_intent_advertisements: IntCounter,
+    /// `spegel_mirror_waits_total{outcome}`: waits for another node fetching a missed blob,
+    /// `outcome` = forwarded|timeout|failed.
+    pub mirror_waits: IntCounterVec,
+    /// `spegel_mirror_wait_duration_seconds`: how long those waits took.
+    pub mirror_wait_duration: prometheus::Histogram,
     /// `spegel_visualize_events_total`: requests recorded for `/visualize` (0 while it is off).
     pub visualize_events_total: IntCounter,
     /// `spegel_http_connections_refused_total{reason}`: connections closed by the connection
@@ -331,6 +338,24 @@ impl Metrics {
                 ),
                 &["trigger"],
             )),
+            mirror_intent_advertisements: must(IntCounter::new(
+                "spegel_mirror_intent_advertisements_total",
+                "Intents to fetch a missed blob advertised, for nodes missing it at the same time.",
+            )),
+            mirror_waits: must(IntCounterVec::new(
+                Opts::new(
+                    "spegel_mirror_waits_total",
+                    "Waits for another node that fetches a blob all missed, by how they ended.",
+                ),
+                &["outcome"],
+            )),
+            mirror_wait_duration: must(prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "spegel_mirror_wait_duration_seconds",
+                    "Duration of waits for another node that fetches a blob all missed.",
+                )
+                .buckets(must(exponential_buckets(0.005, 2.0, 10))),
+            )),
             ebpf_enabled: must(IntGauge::new(
                 "spegel_ebpf_enabled",
                 "Whether the eBPF telemetry probes are loaded (1) or not (0).",
@@ -433,6 +458,19 @@ impl Metrics {
                 .register(Box::new(m.store_verified_bytes.clone())),
         );
         must(m.registry.register(Box::new(m.store_verifications.clone())));
+        must(
+            m.registry
+                .register(Box::new(m.mirror_intent_advertisements.clone())),
+        );
+        must(m.registry.register(Box::new(m.mirror_waits.clone())));
+        // Exported from the start, so a rate over them is defined before the first wait.
+        for outcome in ["forwarded", "timeout", "failed"] {
+            m.mirror_waits.with_label_values(&[outcome]);
+        }
+        must(
+            m.registry
+                .register(Box::new(m.mirror_wait_duration.clone())),
+        );
         let _ = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));

@@ -12,7 +12,7 @@ use std::{
 };
 
 use bench::{
-    cluster::{Cluster, METRICS_PORT},
+    cluster::{Cluster, METRICS_PORT, REGISTRY_PORT},
     images::{BlobKind, ImageSpec, PushedImage},
 };
 use sha2::Digest as _;
@@ -48,6 +48,43 @@ fn total(cluster: &Cluster, name: &str) -> f64 {
         .map(|k| metric(cluster, k, name))
         .sum::<f64>()
         + 0.0
+}
+
+/// Node `k`'s peer ID, from its admin API.
+fn peer_id(cluster: &Cluster, k: usize) -> String {
+    let addr: std::net::SocketAddr = format!("{}:{METRICS_PORT}", cluster.network().node_ip(k))
+        .parse()
+        .unwrap();
+    let r = bench::images::in_netns(&cluster.network().node(k), move || {
+        bench::http::get(addr, "/debug/web/metadata", &[])
+    })
+    .expect("metadata");
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("metadata JSON");
+    v["libp2p"]["id"].as_str().expect("peer ID").to_string()
+}
+
+/// A GET of blob `digest` of `repo` from node `k`'s registry as its containerd would send it
+/// (not marked as from a peer), in a thread: status and `sha256:` of the body.
+fn spawn_blob_get(
+    cluster: &Cluster,
+    k: usize,
+    repo: &str,
+    digest: &str,
+) -> JoinHandle<anyhow::Result<(u16, String)>> {
+    let ns = cluster.network().node(k);
+    let addr: std::net::SocketAddr = format!("{}:{REGISTRY_PORT}", cluster.network().node_ip(k))
+        .parse()
+        .unwrap();
+    let target = format!(
+        "/v2/{repo}/blobs/{digest}?ns={}",
+        cluster.upstream_host().replace(':', "%3A")
+    );
+    std::thread::spawn(move || {
+        bench::images::in_netns(&ns, move || {
+            bench::http::request(addr, "GET", &target, &[], false).map(|r| (r.status, r.sha256))
+        })
+    })
 }
 
 fn upstream_tx(cluster: &Cluster) -> u64 {
@@ -160,6 +197,7 @@ fn ingest_written(cluster: &Cluster, k: usize) -> u64 {
 fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
+
     let mut cluster =
         Cluster::start(3, dir.path())?.with_binary(PathBuf::from(env!("CARGO_BIN_EXE_spegel")));
     let spec = |seed| ImageSpec {
@@ -172,6 +210,7 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     let shared = cluster.push(&spec(31))?;
     let abandoned = cluster.push(&spec(32))?;
     let together = cluster.push(&spec(33))?;
+    let elected = cluster.push(&spec(34))?;
     for k in 1..=3 {
         cluster.start_daemon(k)?;
     }
@@ -233,14 +272,28 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
 
     // All three at once: each creates its ingest before asking its mirror, so each sees the
     // others in progress while still searching itself. None may wait on another's empty
-    // ingest (they would all stall until the bound and be withdrawn as stalled).
+    // ingest (they would all stall until the bound and be withdrawn as stalled). Each
+    // announces an intent; the nodes that see an intent ranked above theirs wait (bounded)
+    // for that node's download instead of going upstream.
     let stalled = |c: &Cluster| {
         total(
             c,
             "spegel_in_progress_withdrawals_total{reason=\"stalled\"}",
         )
     };
+    let waits = |c: &Cluster, outcome: &str| {
+        total(
+            c,
+            &format!("spegel_mirror_waits_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let outcomes = ["forwarded", "timeout", "failed"];
     let stalled_before = stalled(&cluster);
+    let waits_before = outcomes.map(|o| waits(&cluster, o));
+    let waited_before = total(&cluster, "spegel_mirror_wait_duration_seconds_sum");
+    let intents_before: Vec<f64> = (1..=3)
+        .map(|k| metric(&cluster, k, "spegel_mirror_intent_advertisements_total"))
+        .collect();
     let tx_before = upstream_tx(&cluster);
     let pulls = [1, 2, 3].map(|k| (k, spawn_pull(&cluster, k, &together.reference)));
     for (k, pull) in pulls {
@@ -250,15 +303,55 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
         assert_has_all(&cluster, k, &together);
     }
     let copies = (upstream_tx(&cluster) - tx_before) as f64 / LAYER as f64;
+    let waited = outcomes.map(|o| waits(&cluster, o));
+    let waited: Vec<f64> = waited
+        .iter()
+        .zip(waits_before)
+        .map(|(a, b)| a - b)
+        .collect();
     eprintln!(
-        "together: upstream sent {copies:.2} copies of the layer; refused while searching {}",
+        "together: upstream sent {copies:.2} copies of the layer; refused while searching {}; \
+         waits forwarded {} timeout {} failed {} ({:.0} ms in all)",
         total(
             &cluster,
             "spegel_in_progress_requests_total{outcome=\"searching\"}"
-        )
+        ),
+        waited[0],
+        waited[1],
+        waited[2],
+        (total(&cluster, "spegel_mirror_wait_duration_seconds_sum") - waited_before) * 1000.0,
     );
+    if stalled(&cluster) != stalled_before {
+        for k in 1..=3 {
+            let log = std::fs::read_to_string(cluster.daemon_log(k)).unwrap_or_default();
+            for line in log.lines().filter(|l| {
+                [
+                    together.repo.as_str(),
+                    "in progress",
+                    "wait",
+                    "intent",
+                    "stall",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
+            }) {
+                eprintln!("node {k}: {line}");
+            }
+        }
+    }
     assert_eq!(stalled(&cluster), stalled_before, "an ingest stalled");
     assert!(copies < 3.05, "upstream sent {copies:.2} copies");
+    // Every node missed the layer (and the config) and announced it.
+    for k in 1..=3 {
+        let intents = metric(&cluster, k, "spegel_mirror_intent_advertisements_total");
+        assert!(
+            intents > intents_before[k - 1],
+            "node {k} advertised no intent"
+        );
+    }
+    // The top-ranked of every view never waits: of three nodes at most two waited per blob
+    // (two blobs: the config and the layer), whatever the timing.
+    assert!(waited.iter().sum::<f64>() <= 4.0, "waits {waited:?}");
 
     // The same with node 1's containerd stopped mid-way: its ingest stops growing, its daemon
     // withdraws it, and nodes 2 and 3 finish from each other or upstream.
@@ -319,5 +412,65 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     )?;
     // Node 1's partial copy plus at most one more each for nodes 2 and 3.
     assert!(copies < 3.0, "upstream sent {copies:.2} copies");
+
+    // A miss waits for the node that outranks it and fetches the blob. Of nodes 2 and 3, the
+    // lower-ranked one (for this layer) gets a long wait bound, so nothing here depends on
+    // timing: the higher-ranked node misses the layer first (its intent stays up), the lower
+    // one misses it next and waits, and only then does the higher one's containerd pull it.
+    let layer = layer_of(&elected);
+    let ids = [2, 3].map(|k| (k, peer_id(&cluster, k)));
+    let rank = |id: &str| (spegel::mirror::intent_score(&layer, id), id.to_string());
+    let (high, low) = if rank(&ids[0].1) > rank(&ids[1].1) {
+        (ids[0].0, ids[1].0)
+    } else {
+        (ids[1].0, ids[0].0)
+    };
+    cluster.stop_daemon(low);
+    let mut args = cluster.registry_args(low);
+    args.push("--mirror-intent-wait=30s".into());
+    cluster.start_daemon_with(low, &args)?;
+    cluster.wait_ready(low, Duration::from_secs(60))?;
+    let forwarded_before = metric(
+        &cluster,
+        low,
+        "spegel_mirror_waits_total{outcome=\"forwarded\"}",
+    );
+    let (status, _) = spawn_blob_get(&cluster, high, &elected.repo, &layer)
+        .join()
+        .expect("getter thread")?;
+    assert_eq!(status, 404, "node {high} had the layer before any pull");
+    // The intent's provider record reaches the other node within milliseconds.
+    std::thread::sleep(Duration::from_secs(1));
+    let tx_before = upstream_tx(&cluster);
+    let waiting = spawn_blob_get(&cluster, low, &elected.repo, &layer);
+    bench::process::wait_for(
+        &format!("node {low} waiting for node {high}"),
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(cluster.daemon_log(low))
+                .is_ok_and(|l| l.contains("another node fetches this blob: waiting for it"))
+        },
+    )?;
+    let pull = spawn_pull(&cluster, high, &elected.reference);
+    assert!(
+        joined(high, pull).status.success(),
+        "node {high} pull failed"
+    );
+    let (status, digest) = waiting.join().expect("getter thread")?;
+    assert_eq!(status, 200, "node {low}'s wait ended without the layer");
+    assert_eq!(digest, layer, "node {low} forwarded other bytes");
+    assert_has_all(&cluster, high, &elected);
+    assert_eq!(
+        metric(
+            &cluster,
+            low,
+            "spegel_mirror_waits_total{outcome=\"forwarded\"}"
+        ),
+        forwarded_before + 1.0
+    );
+    let copies = (upstream_tx(&cluster) - tx_before) as f64 / LAYER as f64;
+    eprintln!("elected: upstream sent {copies:.2} copies of the layer for two nodes");
+    // Node `high`'s pull went upstream once; the waiting node's copy came from its ingest.
+    assert!(copies < 1.5, "upstream sent {copies:.2} copies");
     Ok(())
 }

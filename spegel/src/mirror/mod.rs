@@ -8,6 +8,7 @@ mod body;
 mod client;
 mod cost;
 mod hedger;
+mod intent;
 mod lookup;
 mod race;
 mod selector;
@@ -22,6 +23,7 @@ pub use blame::{BAD_PEER_CAPACITY, BAD_PEER_TTL, BadPeers};
 pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
+pub use intent::{INTENT_TTL, WaitOutcome, score as intent_score};
 pub use selector::{
     LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
 };
@@ -73,6 +75,9 @@ pub trait Mirror: Send + Sync + 'static {
 
 /// What [`MirrorConfig::on_corrupt_blob`] calls with the digest of a blob relayed corrupt.
 pub type CorruptBlobHook = Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>;
+/// Default of [`MirrorConfig::intent_wait`]: well under a second of added latency when the
+/// node waited for is slow to start.
+pub const DEFAULT_INTENT_WAIT: Duration = Duration::from_millis(300);
 
 /// Settings of [`PeerMirror`].
 #[derive(Clone)]
@@ -103,6 +108,12 @@ pub struct MirrorConfig {
     /// Called with the digest when a whole blob relayed from peers did not match it (the
     /// client holds a wrong partial copy), e.g. to abort the local ingest.
     pub on_corrupt_blob: Option<CorruptBlobHook>,
+    /// This node's peer ID, for the election among nodes that miss a blob at the same time;
+    /// `None` (the default) disables intents and waits.
+    pub local_peer_id: Option<String>,
+    /// Longest wait for another node that fetches a blob this one missed at the same time;
+    /// zero disables waits.
+    pub intent_wait: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -120,6 +131,8 @@ impl Default for MirrorConfig {
             connection_telemetry: None,
             activity: Activity::disabled(),
             on_corrupt_blob: None,
+            local_peer_id: None,
+            intent_wait: DEFAULT_INTENT_WAIT,
         }
     }
 }
@@ -136,6 +149,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("body_stall_timeout", &self.body_stall_timeout)
             .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
             .field("connection_telemetry", &self.connection_telemetry.is_some())
+            .field("local_peer_id", &self.local_peer_id)
+            .field("intent_wait", &self.intent_wait)
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +191,7 @@ struct Shared {
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
     timeouts: AdaptiveTimeouts,
+    intents: intent::Intents,
     config: MirrorConfig,
     /// Peers that sent a blob not matching its digest, skipped for that digest.
     bad_peers: BadPeers,
@@ -211,6 +227,7 @@ impl PeerMirror {
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
                 timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
+                intents: intent::Intents::new(config.local_peer_id.clone()),
                 config,
                 bad_peers: BadPeers::default(),
             }),
@@ -241,6 +258,13 @@ impl PeerMirror {
         let not_found = |attempts: usize, message: &str| {
             not_found_anywhere(kind, &key, attempts, message, head)
         };
+        // A blob miss is announced as an intent; the election among the nodes that missed it
+        // together runs beside the lookup and is read only if the lookup finds no source.
+        let election = if kind == Kind::Blob {
+            shared.intents.begin(&shared.router, &key)
+        } else {
+            None
+        };
         // A blob is also looked up among the nodes still downloading it (complete ones first);
         // their grace stays under the race's idle wait so it cannot make the race give up.
         let lookup = match lookup::lookup(
@@ -266,8 +290,29 @@ impl PeerMirror {
             head,
             range: request.range,
         };
-        let winner = match race(shared, &mut pool, &spec).await {
-            Ok(w) => w,
+        let mut waited = None;
+        let raced = race(shared, &mut pool, &spec).await;
+        let raced = match (raced, election) {
+            (Err(e), Some(election)) if !matches!(e, RaceError::Unsatisfiable { .. }) => {
+                match intent::wait(shared, election, &key, &spec).await {
+                    Some((from_wait, winner, duration)) => {
+                        pool = from_wait;
+                        waited = Some(duration);
+                        Ok(winner)
+                    }
+                    None => Err(e),
+                }
+            }
+            (raced, _) => raced,
+        };
+        let winner = match raced {
+            Ok(w) => {
+                if kind == Kind::Blob {
+                    // A source is found: this node's intent would only mislead later misses.
+                    shared.intents.settle(&key);
+                }
+                w
+            }
             Err(e) => {
                 debug!(error = ?e, "no peer could serve the request");
                 return match e {
@@ -314,6 +359,7 @@ impl PeerMirror {
                 e.status = response.status;
                 e.hedged = winner.attempts > 1;
                 e.head = head;
+                e.waited_ms = waited.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
                 e
             },
             started,

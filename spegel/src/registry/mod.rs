@@ -47,14 +47,18 @@ pub struct Registry {
     pub searching: Searching,
 }
 
-/// Blobs whose forward to peers has not yet found a provider. containerd creates a blob's
+/// Blobs whose forward to peers has not yet found a provider, or whose body from a peer is
+/// still streaming to this node's containerd. containerd creates a blob's
 /// ingest before it asks the mirror, so such an ingest is advertised while its node is itself
 /// still looking for a source: serving it would let two nodes that miss the same blob at the
 /// same moment wait on each other's empty ingest until the stall bound. A node refuses to serve
 /// in progress what it is still searching for; the asker then tries other providers or goes
-/// upstream at once.
-#[derive(Debug, Default)]
-pub struct Searching(Mutex<HashMap<Digest, usize>>);
+/// upstream at once. While the body streams, the ingest is fed by a peer: serving it in progress
+/// could feed that peer's own download through this node (a cycle, which stalls both until
+/// the stall bound), so it is refused then too; in-progress bytes only go out of ingests fed by
+/// upstream.
+#[derive(Debug, Default, Clone)]
+pub struct Searching(Arc<Mutex<HashMap<Digest, usize>>>);
 
 impl Searching {
     fn contains(&self, digest: &Digest) -> bool {
@@ -64,7 +68,7 @@ impl Searching {
             .contains_key(digest)
     }
 
-    fn enter(&self, digest: Digest) -> SearchGuard<'_> {
+    fn enter(&self, digest: Digest) -> SearchGuard {
         *self
             .0
             .lock()
@@ -72,19 +76,19 @@ impl Searching {
             .entry(digest.clone())
             .or_default() += 1;
         SearchGuard {
-            searching: self,
+            searching: self.clone(),
             digest,
         }
     }
 }
 
 /// Ends a search when dropped (also when the request is cancelled).
-struct SearchGuard<'a> {
-    searching: &'a Searching,
+struct SearchGuard {
+    searching: Searching,
     digest: Digest,
 }
 
-impl Drop for SearchGuard<'_> {
+impl Drop for SearchGuard {
     fn drop(&mut self) {
         let mut map = self.searching.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.digest) {
@@ -225,9 +229,8 @@ impl Registry {
         // One store lookup per request; the descriptor found is what the response describes.
         let found = self.locate(&path).await;
         let (response, outcome) = if !from_peer && found.is_err() {
-            // The forward returns once a provider answered (or none did): only that phase is
-            // a search; the body then streams from a real source.
-            let _searching = match (path.kind, &found) {
+            // Held until the forwarded body ends (see `Searching`).
+            let searching = match (path.kind, &found) {
                 (Kind::Blob, Err(Missing::Digest(digest))) => {
                     Some(self.searching.enter(digest.clone()))
                 }
@@ -238,7 +241,23 @@ impl Registry {
                 head,
                 range,
             };
-            (self.forward(request).await, Outcome::Forwarded)
+            let mut response = self.forward(request).await;
+            if let Some(guard) = searching {
+                response.body = match std::mem::replace(&mut response.body, Body::Empty) {
+                    Body::Stream { stream, len } => Body::Stream {
+                        stream: futures::StreamExt::boxed(futures::StreamExt::map(
+                            stream,
+                            move |chunk| {
+                                let _held = &guard;
+                                chunk
+                            },
+                        )),
+                        len,
+                    },
+                    other => other,
+                };
+            }
+            (response, Outcome::Forwarded)
         } else {
             // Only a peer is served a blob still downloading: this node's own containerd asking
             // for it would be asking for the bytes it is writing itself.
