@@ -316,14 +316,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
                 .is_ok_and(|r| r.status == 200 && r.sha256 == layer.digest)
         },
     )?;
-    let pids: Vec<u32> = (1..=3)
-        .map(|k| {
-            cluster
-                .daemon(k)
-                .and_then(|d| d.process.pid())
-                .with_context(|| format!("node {k} has no daemon"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let pids = cluster.daemon_pids()?;
     let before: Vec<ProcSample> = pids
         .iter()
         .map(|p| proc_sample(*p))

@@ -12,10 +12,10 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    cluster::{Cluster, METRICS_PORT},
+    cluster::Cluster,
     containerd::Containerd,
     delay::LinkSpec,
-    images::{BlobKind, ImageSpec, PushedImage, in_netns},
+    images::{BlobKind, ImageSpec, PushedImage},
     netns::tx_bytes,
     process::wait_for,
     stats,
@@ -128,23 +128,12 @@ pub fn forget_image(node: &Containerd, image: &PushedImage) -> anyhow::Result<()
 
 /// The text of node `k`'s `/metrics` (asked from inside its namespace), empty on error.
 pub fn metrics_text(cluster: &Cluster, k: usize) -> String {
-    let Ok(addr) = format!("{}:{METRICS_PORT}", cluster.network().node_ip(k)).parse() else {
-        return String::new();
-    };
-    in_netns(&cluster.network().node(k), move || {
-        crate::http::get(addr, "/metrics", &[])
-    })
-    .map(|r| String::from_utf8_lossy(&r.body).into_owned())
-    .unwrap_or_default()
+    cluster.metrics_text(k, k)
 }
 
 /// Sum of the samples of every series whose line starts with `prefix`.
 pub fn metric(cluster: &Cluster, k: usize, prefix: &str) -> f64 {
-    metrics_text(cluster, k)
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    cluster.metric(k, k, prefix)
 }
 
 /// Waits until node `k`'s daemon exports an RTT for each of `nodes`.

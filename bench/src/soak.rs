@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::{
     cluster::Cluster,
@@ -175,14 +175,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<Report> {
     for k in 1..=cfg.nodes {
         cluster.wait_ready(k, Duration::from_secs(60))?;
     }
-    let pids: Vec<u32> = (1..=cfg.nodes)
-        .map(|k| {
-            cluster
-                .daemon(k)
-                .and_then(|d| d.process.pid())
-                .with_context(|| format!("node {k} has no daemon"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let pids = cluster.daemon_pids()?;
 
     let started = Instant::now();
     let done = Arc::new(AtomicBool::new(false));

@@ -23,29 +23,10 @@ const UPSTREAM_RATE: &str = "50mbit";
 /// The single layer's size: about 5.4 s at [`UPSTREAM_RATE`].
 const LAYER: u64 = 32 * MIB;
 
-/// Sum of the samples of metric `name` (a prefix of the line, labels included) on `node`.
-fn metric(cluster: &Cluster, node: usize, name: &str) -> f64 {
-    let addr: std::net::SocketAddr = format!("{}:{METRICS_PORT}", cluster.network().node_ip(node))
-        .parse()
-        .unwrap();
-    let name = name.to_string();
-    bench::images::in_netns(&cluster.network().node(node), move || {
-        bench::http::get(addr, "/metrics", &[])
-    })
-    .map(|r| {
-        String::from_utf8_lossy(&r.body)
-            .lines()
-            .filter(|l| l.starts_with(&name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    })
-    .unwrap_or(0.0)
-}
-
 fn total(cluster: &Cluster, name: &str) -> f64 {
     // `+ 0.0`: an empty f64 sum is -0.0.
     (1..=cluster.len())
-        .map(|k| metric(cluster, k, name))
+        .map(|k| cluster.metric(k, k, name))
         .sum::<f64>()
         + 0.0
 }
@@ -292,7 +273,7 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     let waits_before = outcomes.map(|o| waits(&cluster, o));
     let waited_before = total(&cluster, "spegel_mirror_wait_duration_seconds_sum");
     let intents_before: Vec<f64> = (1..=3)
-        .map(|k| metric(&cluster, k, "spegel_mirror_intent_advertisements_total"))
+        .map(|k| cluster.metric(k, k, "spegel_mirror_intent_advertisements_total"))
         .collect();
     let tx_before = upstream_tx(&cluster);
     let pulls = [1, 2, 3].map(|k| (k, spawn_pull(&cluster, k, &together.reference)));
@@ -343,7 +324,7 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     assert!(copies < 3.05, "upstream sent {copies:.2} copies");
     // Every node missed the layer (and the config) and announced it.
     for k in 1..=3 {
-        let intents = metric(&cluster, k, "spegel_mirror_intent_advertisements_total");
+        let intents = cluster.metric(k, k, "spegel_mirror_intent_advertisements_total");
         assert!(
             intents > intents_before[k - 1],
             "node {k} advertised no intent"
@@ -403,8 +384,8 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
         "node 1's stalled ingest withdrawn",
         Duration::from_secs(30),
         || {
-            metric(
-                &cluster,
+            cluster.metric(
+                1,
                 1,
                 "spegel_in_progress_withdrawals_total{reason=\"stalled\"}",
             ) >= 1.0
@@ -430,11 +411,8 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     args.push("--mirror-intent-wait=30s".into());
     cluster.start_daemon_with(low, &args)?;
     cluster.wait_ready(low, Duration::from_secs(60))?;
-    let forwarded_before = metric(
-        &cluster,
-        low,
-        "spegel_mirror_waits_total{outcome=\"forwarded\"}",
-    );
+    let forwarded_before =
+        cluster.metric(low, low, "spegel_mirror_waits_total{outcome=\"forwarded\"}");
     let (status, _) = spawn_blob_get(&cluster, high, &elected.repo, &layer)
         .join()
         .expect("getter thread")?;
@@ -461,11 +439,7 @@ fn peers_share_a_layer_while_it_downloads() -> anyhow::Result<()> {
     assert_eq!(digest, layer, "node {low} forwarded other bytes");
     assert_has_all(&cluster, high, &elected);
     assert_eq!(
-        metric(
-            &cluster,
-            low,
-            "spegel_mirror_waits_total{outcome=\"forwarded\"}"
-        ),
+        cluster.metric(low, low, "spegel_mirror_waits_total{outcome=\"forwarded\"}"),
         forwarded_before + 1.0
     );
     let copies = (upstream_tx(&cluster) - tx_before) as f64 / LAYER as f64;

@@ -11,31 +11,12 @@ use std::{
 };
 
 use bench::{
-    cluster::{Cluster, METRICS_PORT, REGISTRY_PORT},
+    cluster::{Cluster, REGISTRY_PORT},
     images::{BlobKind, ImageSpec},
 };
 use sha2::Digest as _;
 
 const MIB: u64 = 1 << 20;
-
-/// Sum of the samples of metric lines starting with `name` on node `node`, asked from `from`.
-fn metric(cluster: &Cluster, from: usize, node: usize, name: &str) -> f64 {
-    let addr: std::net::SocketAddr = format!("{}:{METRICS_PORT}", cluster.network().node_ip(node))
-        .parse()
-        .unwrap();
-    let name = name.to_string();
-    bench::images::in_netns(&cluster.network().node(from), move || {
-        bench::http::get(addr, "/metrics", &[])
-    })
-    .map(|r| {
-        String::from_utf8_lossy(&r.body)
-            .lines()
-            .filter(|l| l.starts_with(&name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    })
-    .unwrap_or(0.0)
-}
 
 /// Flips one byte in the middle of `path`, keeping its size and modification time (bit rot:
 /// nothing in the file's metadata shows the change).
@@ -126,20 +107,18 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
         Duration::from_secs(30),
         || head_via(2, &node2, &[]) == 200,
     )?;
-    let advertised_before = metric(&cluster, 1, 1, "spegel_advertised_content_digests");
+    let advertised_before = cluster.metric(1, 1, "spegel_advertised_content_digests");
     flip_byte(&cluster.node(1).blob_path(&layer.digest))?;
 
     let served_bytes = || {
-        metric(
-            &cluster,
+        cluster.metric(
             2,
             1,
             "http_response_size_bytes_sum{code=\"200\",handler=\"/v2/*\",method=\"GET\"",
         )
     };
     let mismatches = || {
-        metric(
-            &cluster,
+        cluster.metric(
             2,
             2,
             "spegel_mirror_digest_checks_total{outcome=\"mismatch\"",
@@ -176,14 +155,14 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
         1.0,
         "node 2 saw node 1's corrupt copy exactly once"
     );
-    assert_eq!(metric(&cluster, 2, 2, "spegel_mirror_bad_peers_total"), 1.0);
+    assert_eq!(cluster.metric(2, 2, "spegel_mirror_bad_peers_total"), 1.0);
     if attempts == 2 {
         // Node 1 served no layer body again (only small manifests, if anything): node 2 skipped
         // it as bad, or node 1 had already withdrawn its copy (both are counted here).
         eprintln!(
             "node 2 skipped a bad provider {} times; node 1 found its copy corrupt {} times",
-            metric(&cluster, 2, 2, "spegel_mirror_bad_peer_skips_total"),
-            metric(&cluster, 2, 1, "spegel_store_corrupt_blobs_total"),
+            cluster.metric(2, 2, "spegel_mirror_bad_peer_skips_total"),
+            cluster.metric(2, 1, "spegel_store_corrupt_blobs_total"),
         );
         let after = served_bytes();
         let first = after_first.unwrap_or(after);
@@ -207,13 +186,13 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
     bench::process::wait_for(
         "node 1 finding its corrupt copy",
         Duration::from_secs(60),
-        || metric(&cluster, 1, 1, "spegel_store_corrupt_blobs_total") >= 1.0,
+        || cluster.metric(1, 1, "spegel_store_corrupt_blobs_total") >= 1.0,
     )?;
     assert_eq!(
-        metric(&cluster, 1, 1, "spegel_store_corrupt_blobs_total"),
+        cluster.metric(1, 1, "spegel_store_corrupt_blobs_total"),
         1.0
     );
-    assert!(metric(&cluster, 1, 1, "spegel_store_verifications_total") >= 1.0);
+    assert!(cluster.metric(1, 1, "spegel_store_verifications_total") >= 1.0);
     let get_from_peer =
         cluster.get_from(2, &node1, &layer_target, &[("X-Spegel-Mirrored", "true")])?;
     assert_eq!(
@@ -228,7 +207,7 @@ fn a_corrupted_peer_costs_at_most_one_failed_pull_and_withdraws_its_copy() -> an
     bench::process::wait_for(
         "withdrawal of the corrupt blob",
         Duration::from_secs(30),
-        || metric(&cluster, 1, 1, "spegel_advertised_content_digests") == advertised_before - 1.0,
+        || cluster.metric(1, 1, "spegel_advertised_content_digests") == advertised_before - 1.0,
     )?;
     // The intact rest of the image is still served.
     let manifest = format!("/v2/{}/manifests/{}?ns={ns}", image.repo, image.digest);
