@@ -3,76 +3,30 @@
 //! supplied it are not asked for that digest again (whole or ranged), and they are told.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures::StreamExt;
 use spegel::{
-    http::{self, Body, Response, Timeouts},
+    http::{self, Timeouts},
     metrics,
-    mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror},
+    mirror::{MirrorConfig, MirrorRequest, PeerMirror},
     oci::{ByteRange, Digest, DistributionPath, Filters},
     registry::Registry,
-    routing::{Peer, Router, RoutingError},
+    routing::Peer,
     store::{MISMATCH_REPORT_PATH, MemoryStore},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::watch,
 };
 
-#[derive(Default)]
-struct FakeRouter {
-    providers: Mutex<HashMap<String, Vec<Peer>>>,
-}
+mod support;
 
-impl FakeRouter {
-    fn set(&self, key: &str, peers: Vec<Peer>) {
-        self.providers
-            .lock()
-            .unwrap()
-            .insert(key.to_string(), peers);
-    }
-}
-
-#[async_trait::async_trait]
-impl Router for FakeRouter {
-    fn ready(&self) -> bool {
-        true
-    }
-    async fn advertise(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
-        Ok(())
-    }
-    async fn withdraw(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
-        Ok(())
-    }
-    async fn lookup(&self, key: &str, count: usize) -> Result<mpsc::Receiver<Peer>, RoutingError> {
-        let peers = self
-            .providers
-            .lock()
-            .unwrap()
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        let (tx, rx) = mpsc::channel(64);
-        for p in peers.into_iter().take(count) {
-            tx.try_send(p).unwrap();
-        }
-        Ok(rx)
-    }
-}
-
-fn peer(addr: SocketAddr) -> Peer {
-    Peer {
-        id: format!("peer-{}", addr.port()),
-        addrs: vec![addr],
-    }
-}
+use support::{FakeRouter, body_of, forward, peer};
 
 fn layer() -> Bytes {
     let mut x: u32 = 0x9e37_79b9;
@@ -241,37 +195,6 @@ fn mirror(router: Arc<FakeRouter>) -> PeerMirror {
     // Slow history pushes the hedge delay to its maximum: one peer per race on a loaded machine.
     m.hedger().observe(Duration::from_secs(1));
     m
-}
-
-async fn forward(m: &PeerMirror, req: MirrorRequest) -> Response {
-    tokio::time::timeout(Duration::from_secs(30), m.forward(req))
-        .await
-        .expect("forward did not finish")
-}
-
-/// The body as the registry would write it: the bytes, or the error that cut it.
-async fn body_of(resp: Response) -> std::io::Result<Vec<u8>> {
-    match resp.body {
-        Body::Empty => Ok(Vec::new()),
-        Body::Bytes(b) => Ok(b.to_vec()),
-        Body::Stream { mut stream, len } => {
-            let mut out = Vec::new();
-            let read = async {
-                while let Some(chunk) = stream.next().await {
-                    out.extend_from_slice(&chunk?);
-                    if out.len() as u64 >= len {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            tokio::time::timeout(Duration::from_secs(30), read)
-                .await
-                .expect("body did not finish")?;
-            Ok(out)
-        }
-        other => panic!("unexpected mirror body {other:?}"),
-    }
 }
 
 fn gets(log: &Log) -> usize {

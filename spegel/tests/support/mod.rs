@@ -2,16 +2,24 @@
 //! client that reads responses off keep-alive connections.
 #![allow(dead_code)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use futures::StreamExt;
 use spegel::{
-    http::{self, Limits, Timeouts},
+    http::{self, Body, Limits, Response, Timeouts},
+    mirror::{Mirror, MirrorRequest, PeerMirror},
     registry::Registry,
+    routing::{Peer, Router, RoutingError},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 /// A parsed HTTP response.
@@ -154,4 +162,120 @@ pub async fn send(stream: &mut TcpStream, method: &str, target: &str, headers: &
     }
     req.push_str("\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
+}
+
+#[derive(Default)]
+/// A router that hands out fixed providers per key.
+pub struct FakeRouter {
+    pub providers: Mutex<HashMap<String, Vec<Peer>>>,
+    /// Keep lookups running (never close the channel) instead of finishing at once.
+    pub keep_open: bool,
+    pub held: Mutex<Vec<mpsc::Sender<Peer>>>,
+    pub lookups: Mutex<Vec<(String, usize)>>,
+    /// Deliver providers only after this long (a DHT whose peers are far away).
+    pub delay: Option<Duration>,
+}
+
+impl FakeRouter {
+    /// A router answering `entries` (key, providers).
+    pub fn new(entries: &[(&str, Vec<Peer>)]) -> Arc<Self> {
+        let r = FakeRouter::default();
+        for (key, peers) in entries {
+            r.providers
+                .lock()
+                .unwrap()
+                .insert(key.to_string(), peers.clone());
+        }
+        Arc::new(r)
+    }
+
+    /// Sets the providers of `key`.
+    pub fn set(&self, key: &str, peers: Vec<Peer>) {
+        self.providers
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), peers);
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for FakeRouter {
+    fn ready(&self) -> bool {
+        true
+    }
+    async fn advertise(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
+        Ok(())
+    }
+    async fn withdraw(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
+        Ok(())
+    }
+    async fn lookup(&self, key: &str, count: usize) -> Result<mpsc::Receiver<Peer>, RoutingError> {
+        self.lookups.lock().unwrap().push((key.to_string(), count));
+        let peers = self
+            .providers
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(64);
+        if let Some(delay) = self.delay {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                for p in peers.into_iter().take(count) {
+                    let _ = tx.send(p).await;
+                }
+            });
+            return Ok(rx);
+        }
+        for p in peers.into_iter().take(count) {
+            tx.try_send(p).unwrap();
+        }
+        if self.keep_open {
+            self.held.lock().unwrap().push(tx);
+        }
+        Ok(rx)
+    }
+}
+
+/// A provider at `addr`, named after its port.
+pub fn peer(addr: SocketAddr) -> Peer {
+    Peer {
+        id: format!("peer-{}", addr.port()),
+        addrs: vec![addr],
+    }
+}
+
+/// Forwards `req`, bounded.
+pub async fn forward(m: &PeerMirror, req: MirrorRequest) -> Response {
+    tokio::time::timeout(Duration::from_secs(30), m.forward(req))
+        .await
+        .expect("forward did not finish")
+}
+
+/// Reads the whole body the registry would write.
+pub async fn body_of(resp: Response) -> std::io::Result<Vec<u8>> {
+    match resp.body {
+        Body::Empty => Ok(Vec::new()),
+        Body::Bytes(b) => Ok(b.to_vec()),
+        Body::File { .. } | Body::Growing { .. } => panic!("mirror never serves files"),
+        Body::Unbounded(_) => panic!("mirror bodies always have a length"),
+        Body::Stream { mut stream, len } => {
+            let mut out = Vec::new();
+            let read = async {
+                while let Some(chunk) = stream.next().await {
+                    out.extend_from_slice(&chunk?);
+                    if out.len() as u64 >= len {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("body did not finish")?;
+            assert_eq!(out.len() as u64, len, "stream delivered a different length");
+            Ok(out)
+        }
+    }
 }
