@@ -7,13 +7,12 @@
 //! GiB as the difference of the medians. The serving daemon's CPU is reported as a control.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::{
     cluster::{Cluster, REGISTRY_PORT},
@@ -64,42 +63,6 @@ pub struct Report {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// Reads a GET response to the end, discarding the body in a 4 MiB buffer; returns body bytes.
-fn fetch(addr: SocketAddr, target: &str, range: Option<&str>) -> anyhow::Result<u64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "GET {target} HTTP/1.1\r\nHost: bench\r\n{range}Connection: close\r\n\r\n"
-    )?;
-    let mut buf = vec![0u8; 4 << 20];
-    let mut head = Vec::new();
-    let mut body = 0u64;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            bail!("connection closed before the head ended");
-        }
-        head.extend_from_slice(&buf[..n]);
-        if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            let text = String::from_utf8_lossy(&head[..pos]);
-            if !(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.1 206")) {
-                bail!("unexpected response: {text}");
-            }
-            body += (head.len() - pos - 4) as u64;
-            break;
-        }
-    }
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(body);
-        }
-        body += n as u64;
-    }
-}
 
 fn summary(transfers: &[Transfer], verified: bool) -> Summary {
     let of: Vec<&Transfer> = transfers
@@ -173,7 +136,8 @@ pub fn run(work: &Path, runs: usize, size_mib: u64) -> anyhow::Result<Report> {
             let t = target.clone();
             let cpu0 = (cpu_seconds(&[relay_pid]), cpu_seconds(&[server_pid]));
             let started = Instant::now();
-            let bytes = crate::images::in_netns(&netns, move || fetch(node2, &t, range))?;
+            let bytes =
+                crate::images::in_netns(&netns, move || crate::serve::fetch(node2, &t, range))?;
             let seconds = started.elapsed().as_secs_f64();
             let cpu1 = (cpu_seconds(&[relay_pid]), cpu_seconds(&[server_pid]));
             let expected = if verified { layer.size } else { layer.size - 1 };

@@ -43,13 +43,15 @@ pub struct Summary {
     pub cpu_s_per_gib: f64,
 }
 
-/// Reads a `GET` response to the end, discarding the body in a 4 MiB buffer; returns body bytes.
-fn fetch(addr: SocketAddr, target: &str) -> anyhow::Result<u64> {
-    let mut s = TcpStream::connect(addr)?;
+/// Reads a `GET` response (200, or 206 for a `range`) to the end, discarding the body in a
+/// 4 MiB buffer; returns body bytes.
+pub fn fetch(addr: SocketAddr, target: &str, range: Option<&str>) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
     write!(
         s,
-        "GET {target} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: bench\r\n{range}Connection: close\r\n\r\n"
     )?;
     let mut buf = vec![0u8; 4 << 20];
     let mut head = Vec::new();
@@ -62,7 +64,7 @@ fn fetch(addr: SocketAddr, target: &str) -> anyhow::Result<u64> {
         head.extend_from_slice(&buf[..n]);
         if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             let text = String::from_utf8_lossy(&head[..pos]);
-            if !text.starts_with("HTTP/1.1 200") {
+            if !(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.1 206")) {
                 bail!("unexpected response: {text}");
             }
             body += (head.len() - pos - 4) as u64;
@@ -251,7 +253,7 @@ pub fn run_with(
 
     // Warm the page cache and every server once.
     for s in &servers {
-        fetch(s.addr, &s.target)?;
+        fetch(s.addr, &s.target, None)?;
     }
     let mut all = Vec::new();
     for i in 0..runs {
@@ -265,7 +267,7 @@ pub fn run_with(
         {
             let cpu0 = cpu_seconds(pids);
             let t0 = Instant::now();
-            let bytes = fetch(*a, target)?;
+            let bytes = fetch(*a, target, None)?;
             let seconds = t0.elapsed().as_secs_f64();
             let server_cpu_seconds = cpu_seconds(pids) - cpu0;
             if bytes != layer.size {
