@@ -46,16 +46,7 @@ struct Fixture {
 
 fn layer_bytes() -> Bytes {
     // Large enough to arrive in several reads; pseudo-random so offsets matter.
-    let mut x: u32 = 0x1234_5678;
-    (0..300_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    support::pseudo_random(0x1234_5678, 300_000)
 }
 
 fn fixture() -> Fixture {

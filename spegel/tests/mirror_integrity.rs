@@ -29,16 +29,7 @@ mod support;
 use support::{FakeRouter, body_of, forward, peer};
 
 fn layer() -> Bytes {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..200_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    support::pseudo_random(0x9e37_79b9, 200_000)
 }
 
 /// `data` with one byte flipped near the start (same size).

@@ -279,3 +279,17 @@ pub async fn body_of(resp: Response) -> std::io::Result<Vec<u8>> {
         }
     }
 }
+
+/// `len` xorshift bytes from `seed`: pseudo-random, so a wrong offset shows in the content.
+pub fn pseudo_random(seed: u32, len: usize) -> bytes::Bytes {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
