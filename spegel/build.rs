@@ -18,6 +18,22 @@ fn main() {
     println!("cargo:rustc-env=SPEGEL_COMMIT={commit}");
     println!("cargo:rustc-env=SPEGEL_RUSTC={rustc_version}");
     println!("cargo:rerun-if-env-changed=SPEGEL_COMMIT");
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/refs/heads");
+    // Watch the files that really move with a commit; in a worktree `.git` is a file, and a
+    // watched path that does not exist would rerun this script (and rebuild the crate) every time.
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let git_path = |arg: &str| run("git", &["rev-parse", arg]).map(|p| dir.join(p));
+    let mut watched = Vec::new();
+    if let Some(git_dir) = git_path("--git-dir") {
+        watched.push(git_dir.join("HEAD"));
+    }
+    if let (Some(common), Some(head)) = (
+        git_path("--git-common-dir"),
+        run("git", &["symbolic-ref", "-q", "HEAD"]),
+    ) {
+        watched.push(common.join(head));
+        watched.push(common.join("packed-refs"));
+    }
+    for path in watched.into_iter().filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
 }

@@ -333,6 +333,41 @@ impl Cluster {
         )
     }
 
+    /// The text of node `node`'s `/metrics`, asked from inside node `from`'s namespace; empty
+    /// when it cannot be fetched.
+    pub fn metrics_text(&self, from: usize, node: usize) -> String {
+        let Ok(addr) = format!("{}:{METRICS_PORT}", self.net.node_ip(node)).parse::<SocketAddr>()
+        else {
+            return String::new();
+        };
+        in_netns(&self.net.node(from), move || {
+            http::get(addr, "/metrics", &[])
+        })
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .unwrap_or_default()
+    }
+
+    /// Sum of the samples of every series on node `node` whose line starts with `prefix`
+    /// (a metric name, labels optional), asked from node `from`; 0 when none or unreachable.
+    pub fn metric(&self, from: usize, node: usize, prefix: &str) -> f64 {
+        self.metrics_text(from, node)
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// PIDs of the running daemons, node 1 first; an error names a node without one.
+    pub fn daemon_pids(&mut self) -> anyhow::Result<Vec<u32>> {
+        (1..=self.nodes.len())
+            .map(|k| {
+                self.daemon(k)
+                    .and_then(|d| d.process.pid())
+                    .with_context(|| format!("node {k} has no daemon"))
+            })
+            .collect()
+    }
+
     /// Waits until node `k`'s daemon reports ready.
     pub fn wait_ready(&self, k: usize, timeout: Duration) -> anyhow::Result<()> {
         wait_for(&format!("node {k} ready"), timeout, || {

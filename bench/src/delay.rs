@@ -311,6 +311,11 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+        // The delayer counts a frame just after writing it, so the reader can be first.
+        let counted = Instant::now() + Duration::from_secs(5);
+        while link.counters().forwarded.load(Ordering::Relaxed) < 2 && Instant::now() < counted {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(link.counters().forwarded.load(Ordering::Relaxed), 2);
         assert_eq!(link.counters().dropped.load(Ordering::Relaxed), 0);
         assert_eq!(link.delay(), Duration::from_millis(40));

@@ -211,6 +211,11 @@ impl Network {
         )
     }
 
+    /// Removes a rate limit set by [`Network::shape`] (restores the default qdisc).
+    pub fn unshape(&self, ns: &str) -> anyhow::Result<()> {
+        unshape(ns)
+    }
+
     /// Adds one more host namespace on the bridge with address `addr` (10.99.0.x, not a
     /// node's or the upstream's) and returns its name; `name` is a short suffix, e.g. `cache`.
     pub fn add_host(&mut self, name: &str, addr: &str) -> anyhow::Result<String> {
@@ -233,6 +238,11 @@ impl Network {
             ],
         )
     }
+}
+
+/// Removes the root qdisc of `ns`'s `eth0` (undoes a `tbf` shape).
+pub fn unshape(ns: &str) -> anyhow::Result<()> {
+    in_ns(ns, &["tc", "qdisc", "del", "dev", "eth0", "root"])
 }
 
 /// Bytes namespace `ns` has sent on its `eth0` (the kernel's counter, read from inside it).

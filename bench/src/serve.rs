@@ -43,13 +43,15 @@ pub struct Summary {
     pub cpu_s_per_gib: f64,
 }
 
-/// Reads a `GET` response to the end, discarding the body in a 4 MiB buffer; returns body bytes.
-fn fetch(addr: SocketAddr, target: &str) -> anyhow::Result<u64> {
-    let mut s = TcpStream::connect(addr)?;
+/// Reads a `GET` response (200, or 206 for a `range`) to the end, discarding the body in a
+/// 4 MiB buffer; returns body bytes.
+pub fn fetch(addr: SocketAddr, target: &str, range: Option<&str>) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
     write!(
         s,
-        "GET {target} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: bench\r\n{range}Connection: close\r\n\r\n"
     )?;
     let mut buf = vec![0u8; 4 << 20];
     let mut head = Vec::new();
@@ -62,7 +64,7 @@ fn fetch(addr: SocketAddr, target: &str) -> anyhow::Result<u64> {
         head.extend_from_slice(&buf[..n]);
         if let Some(pos) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             let text = String::from_utf8_lossy(&head[..pos]);
-            if !text.starts_with("HTTP/1.1 200") {
+            if !(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.1 206")) {
                 bail!("unexpected response: {text}");
             }
             body += (head.len() - pos - 4) as u64;
@@ -145,8 +147,32 @@ fn start_nginx(dir: &Path, root: &Path, port: u16) -> anyhow::Result<Process> {
     Ok(p)
 }
 
+/// One server under test and what keeps it running.
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    target: String,
+    /// Processes whose CPU time is counted.
+    pids: Vec<u32>,
+    /// Stops the server when dropped.
+    _guard: Box<dyn std::any::Any>,
+}
+
 /// Runs the benchmark: `size` bytes, `runs` transfers per server.
 pub fn run(size: u64, runs: usize, work: &Path) -> anyhow::Result<(Vec<Run>, Vec<Summary>)> {
+    run_with(size, runs, work, &[("spegel", &[])], true)
+}
+
+/// [`run`] with several spegel daemons, each named and started with extra arguments (e.g.
+/// `--ebpf=on` against `--ebpf=off`), nginx optional; transfers alternate between servers so
+/// drift hits them alike.
+pub fn run_with(
+    size: u64,
+    runs: usize,
+    work: &Path,
+    variants: &[(&str, &[&str])],
+    with_nginx: bool,
+) -> anyhow::Result<(Vec<Run>, Vec<Summary>)> {
     std::fs::create_dir_all(work)?;
     eprintln!("starting containerd and the upstream registry");
     let containerd = Containerd::start(&work.join("ctd"), None)?;
@@ -170,32 +196,6 @@ pub fn run(size: u64, runs: usize, work: &Path) -> anyhow::Result<(Vec<Run>, Vec
         .context("no layer")?
         .clone();
 
-    let port = free_port()?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let args: Vec<String> = vec![
-        "registry".into(),
-        format!("--registry-addr=127.0.0.1:{port}"),
-        format!("--metrics-addr=127.0.0.1:{}", free_port()?),
-        format!("--router-addr=127.0.0.1:{}", free_port()?),
-        format!("--containerd-sock={}", containerd.socket().display()),
-        format!(
-            "--containerd-content-path={}",
-            containerd.content_path().display()
-        ),
-        "--log-level=WARN".into(),
-    ];
-    let daemon = Daemon::start(
-        &spegel_bin(),
-        &args,
-        &[],
-        None,
-        &work.join("spegel.log"),
-        Some(addr),
-    )?;
-    let nginx_port = free_port()?;
-    let nginx = start_nginx(&work.join("nginx"), &containerd.content_path(), nginx_port)?;
-    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
-
     let hex = layer.digest.trim_start_matches("sha256:");
     let spegel_target = format!(
         "/v2/bench/serve/blobs/{}?ns={}",
@@ -203,21 +203,71 @@ pub fn run(size: u64, runs: usize, work: &Path) -> anyhow::Result<(Vec<Run>, Vec
         upstream.host().replace(':', "%3A")
     );
     let nginx_target = format!("/blobs/sha256/{hex}");
-    let spegel_pids = vec![daemon.process.pid().context("spegel pid")?];
-    let nginx_pids = with_children(nginx.pid().context("nginx pid")?);
+    let mut servers: Vec<Server> = Vec::new();
+    for (name, extra) in variants {
+        let port = free_port()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut args: Vec<String> = vec![
+            "registry".into(),
+            format!("--registry-addr=127.0.0.1:{port}"),
+            format!("--metrics-addr=127.0.0.1:{}", free_port()?),
+            format!("--router-addr=127.0.0.1:{}", free_port()?),
+            format!("--containerd-sock={}", containerd.socket().display()),
+            format!(
+                "--containerd-content-path={}",
+                containerd.content_path().display()
+            ),
+            "--log-level=INFO".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let daemon = Daemon::start(
+            &spegel_bin(),
+            &args,
+            &[],
+            None,
+            &work.join(format!("{name}.log")),
+            Some(addr),
+        )?;
+        let pids = vec![daemon.process.pid().context("spegel pid")?];
+        servers.push(Server {
+            name: name.to_string(),
+            addr,
+            target: spegel_target.clone(),
+            pids,
+            _guard: Box::new(daemon),
+        });
+    }
+    if with_nginx {
+        let nginx_port = free_port()?;
+        let nginx = start_nginx(&work.join("nginx"), &containerd.content_path(), nginx_port)?;
+        let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+        let pids = with_children(nginx.pid().context("nginx pid")?);
+        servers.push(Server {
+            name: "nginx".into(),
+            addr: nginx_addr,
+            target: nginx_target,
+            pids,
+            _guard: Box::new(nginx),
+        });
+    }
 
-    // Warm the page cache and both servers once.
-    fetch(addr, &spegel_target)?;
-    fetch(nginx_addr, &nginx_target)?;
+    // Warm the page cache and every server once.
+    for s in &servers {
+        fetch(s.addr, &s.target, None)?;
+    }
     let mut all = Vec::new();
     for i in 0..runs {
-        for (server, a, target, pids) in [
-            ("spegel", addr, &spegel_target, &spegel_pids),
-            ("nginx", nginx_addr, &nginx_target, &nginx_pids),
-        ] {
+        for Server {
+            name: server,
+            addr: a,
+            target,
+            pids,
+            ..
+        } in &servers
+        {
             let cpu0 = cpu_seconds(pids);
             let t0 = Instant::now();
-            let bytes = fetch(a, target)?;
+            let bytes = fetch(*a, target, None)?;
             let seconds = t0.elapsed().as_secs_f64();
             let server_cpu_seconds = cpu_seconds(pids) - cpu0;
             if bytes != layer.size {
@@ -230,19 +280,19 @@ pub fn run(size: u64, runs: usize, work: &Path) -> anyhow::Result<(Vec<Run>, Vec
                 server_cpu_seconds
             );
             all.push(Run {
-                server: server.into(),
+                server: server.clone(),
                 bytes,
                 seconds,
                 server_cpu_seconds,
             });
         }
     }
-    drop(nginx);
-    drop(daemon);
-    let summaries = ["spegel", "nginx"]
+    let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
+    drop(servers);
+    let summaries = names
         .iter()
         .map(|server| {
-            let runs: Vec<&Run> = all.iter().filter(|r| r.server == *server).collect();
+            let runs: Vec<&Run> = all.iter().filter(|r| &r.server == server).collect();
             let gib = |r: &Run| r.bytes as f64 / (1u64 << 30) as f64;
             Summary {
                 server: server.to_string(),

@@ -171,6 +171,7 @@ def test_default_registry_container(default_manifests):
         "--log-level=INFO",
         "--mirror-resolve-retries=3",
         "--mirror-resolve-timeout=20ms",
+        "--mirror-intent-wait=300ms",
         "--registry-addr=:5000",
         "--router-addr=:5001",
         "--metrics-addr=:9090",
@@ -184,6 +185,13 @@ def test_default_registry_container(default_manifests):
         "--advertise-ttl=10m",
         "--ebpf=off",
         "--peer-selection=telemetry",
+        "--mirror-race-timeout-floor=100ms",
+        "--mirror-max-resumes=5",
+        "--mirror-body-stall-timeout=30s",
+        "--max-connections=1024",
+        "--max-connections-per-ip=256",
+        "--connection-first-byte-timeout=10s",
+        "--min-transfer-rate=4096",
         "--data-dir=/var/lib/spegel",
     ]
     assert set(env_of(reg)) == {"NODE_IP"}
@@ -378,6 +386,7 @@ def test_all_registry_container(all_manifests):
         "--log-level=DEBUG",
         "--mirror-resolve-retries=5",
         "--mirror-resolve-timeout=50ms",
+        "--mirror-intent-wait=500ms",
         "--registry-addr=:5100",
         "--router-addr=:5101",
         "--metrics-addr=:9190",
@@ -400,6 +409,13 @@ def test_all_registry_container(all_manifests):
         "--advertise-ttl=15m",
         "--ebpf=on",
         "--peer-selection=latency",
+        "--mirror-race-timeout-floor=250ms",
+        "--mirror-max-resumes=2",
+        "--mirror-body-stall-timeout=1m",
+        "--max-connections=4096",
+        "--max-connections-per-ip=64",
+        "--connection-first-byte-timeout=5s",
+        "--min-transfer-rate=0",
         "--data-dir=/data/spegel",
     ]
     assert [(p["name"], p["containerPort"], p["protocol"]) for p in reg["ports"]] == [
@@ -928,6 +944,16 @@ ORIGINAL_DEFAULTS = {
     "spegel.advertiseTTL": "10m",
     # Kernel telemetry and peer choice (this project's additions).
     "spegel.peerSelection": "telemetry",
+    # Mirror and connection limits (this project's flags, see the README's differences).
+    "spegel.mirrorRaceTimeoutFloor": "100ms",
+    "spegel.mirrorMaxResumes": 5,
+    "spegel.mirrorBodyStallTimeout": "30s",
+    "spegel.connections.max": 1024,
+    "spegel.connections.maxPerIP": 256,
+    "spegel.connections.firstByteTimeout": "10s",
+    "spegel.connections.minTransferRate": 4096,
+    # Coordination of simultaneous misses of a blob (this project's addition).
+    "spegel.mirrorIntentWait": "300ms",
     "ebpf.enabled": False,
     "ebpf.required": False,
 }

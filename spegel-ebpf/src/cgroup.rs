@@ -32,11 +32,15 @@ impl CgroupPlacement {
             return Ok(());
         };
         join(parent, std::process::id())?;
-        std::fs::remove_dir(&self.path).map_err(|source| EbpfError::Cgroup {
-            path: self.path.clone(),
-            what: "removing",
-            source,
-        })
+        match std::fs::remove_dir(&self.path) {
+            // Released before (release is idempotent: the owner also calls it on drop).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(|source| EbpfError::Cgroup {
+                path: self.path.clone(),
+                what: "removing",
+                source,
+            }),
+        }
     }
 }
 
@@ -99,14 +103,79 @@ pub fn own_cgroup_dir() -> Result<PathBuf, EbpfError> {
     let rel = unified_path(&cgroup).ok_or_else(|| {
         EbpfError::NoCgroupV2("no `0::` line in /proc/self/cgroup (cgroup v1 only)".into())
     })?;
-    let (mount_point, mount_root) = cgroup2_mount(&mountinfo)
-        .ok_or_else(|| EbpfError::NoCgroupV2("no cgroup2 filesystem is mounted".into()))?;
+    let (mount_point, mount_root) = match cgroup2_mount(&mountinfo) {
+        Some(m) => m,
+        None => mount_private_cgroup2()?,
+    };
     resolve(&mount_point, &mount_root, &rel).ok_or_else(|| {
         EbpfError::NoCgroupV2(format!(
             "this process's cgroup {rel} is outside the cgroup2 mount at {} (root {mount_root})",
             mount_point.display()
         ))
     })
+}
+
+/// Where [`mount_private_cgroup2`] mounts the hierarchy (only ever inside a private mount
+/// namespace, so every daemon has its own mount on the same empty directory).
+const PRIVATE_MOUNT: &str = "/run/spegel-ebpf-cgroup2";
+
+/// Mounts the cgroup2 hierarchy when this process sees none, which is what `ip netns exec`
+/// leaves (it remounts /sys for the network namespace, hiding /sys/fs/cgroup). Done only in a
+/// mount namespace of our own, where the mount disappears with the process; in the machine's
+/// mount namespace a missing cgroup2 mount is the administrator's choice and is reported.
+fn mount_private_cgroup2() -> Result<(PathBuf, String), EbpfError> {
+    // Private: a different mount namespace from PID 1's or the parent's (`ip netns exec`
+    // unshares it right before exec), whichever of the two can be read.
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let own = ns("self");
+    // SAFETY: getppid has no preconditions.
+    let parent = ns(&unsafe { libc::getppid() }.to_string());
+    let private = own.is_some()
+        && [ns("1"), parent]
+            .into_iter()
+            .flatten()
+            .any(|other| Some(other) != own);
+    if !private {
+        return Err(EbpfError::NoCgroupV2(
+            "no cgroup2 filesystem is mounted".into(),
+        ));
+    }
+    let dir = PathBuf::from(PRIVATE_MOUNT);
+    std::fs::create_dir_all(&dir).map_err(|source| EbpfError::Cgroup {
+        path: dir.clone(),
+        what: "creating a mount point",
+        source,
+    })?;
+    let target = std::ffi::CString::new(PRIVATE_MOUNT)
+        .map_err(|e| EbpfError::NoCgroupV2(format!("mount point {PRIVATE_MOUNT}: {e}")))?;
+    let fstype = c"cgroup2";
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::PermissionDenied {
+            EbpfError::NoPrivileges(format!(
+                "no cgroup2 filesystem is mounted and mounting one at {PRIVATE_MOUNT} failed ({e})"
+            ))
+        } else {
+            EbpfError::NoCgroupV2(format!(
+                "no cgroup2 filesystem is mounted and mounting one at {PRIVATE_MOUNT} failed ({e})"
+            ))
+        });
+    }
+    tracing::debug!(
+        mount = PRIVATE_MOUNT,
+        "mounted cgroup2 in this private mount namespace"
+    );
+    Ok((dir, "/".to_string()))
 }
 
 /// The `0::PATH` entry of /proc/PID/cgroup.

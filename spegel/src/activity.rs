@@ -86,6 +86,8 @@ pub struct Event {
     pub resumed: bool,
     /// A HEAD request.
     pub head: bool,
+    /// Time spent waiting for another node that was fetching the blob from upstream (0: none).
+    pub waited_ms: f64,
 }
 
 impl Event {
@@ -109,6 +111,7 @@ impl Event {
             hedged: false,
             resumed: false,
             head: false,
+            waited_ms: 0.0,
         }
     }
 

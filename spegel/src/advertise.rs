@@ -15,8 +15,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     metrics,
-    oci::{Filters, Reference},
-    routing::Router,
+    oci::{Digest, Filters, Reference},
+    routing::{Router, in_progress_key},
     store::{Image, ImageEvent, Store, StoreError},
 };
 
@@ -60,11 +60,19 @@ pub trait AdvertisedView: Send + Sync + 'static {
 
 /// Shared snapshot handle; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct AdvertisedHandle(Arc<RwLock<Advertised>>);
+pub struct AdvertisedHandle(Arc<RwLock<Advertised>>, Arc<std::sync::atomic::AtomicU64>);
 
 impl AdvertisedView for AdvertisedHandle {
     fn advertised(&self) -> Advertised {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl AdvertisedHandle {
+    /// Counts the advertiser's publications: it moves whenever an image was named, changed or
+    /// deleted (and on every sync).
+    pub fn generation(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -452,6 +460,8 @@ impl Advertiser {
                 .or_default()
                 .extend(keys.digests.iter());
         }
+        // Registries of local images are known label values for request metrics too.
+        m.registry_labels.add_known(contents.keys().copied());
         m.advertised_image_tags.reset();
         m.advertised_image_digests.reset();
         m.advertised_content_digests.reset();
@@ -493,6 +503,177 @@ impl Advertiser {
             keys: self.refcounts.len(),
         };
         *self.view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        self.view
+            .1
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// How often the in-progress advertiser looks at containerd's ingests.
+pub const IN_PROGRESS_POLL: Duration = Duration::from_millis(20);
+/// How long a blob that finished downloading stays advertised as in progress: containerd names
+/// an image (and the image advertiser picks its blobs up) only once every blob of it is in, so
+/// without this a committed layer would be invisible to peers until the whole pull ends.
+pub const IN_PROGRESS_LINGER: Duration = Duration::from_secs(60);
+
+/// Advertises blobs containerd is downloading (under [`in_progress_key`]) within one poll of
+/// their ingest appearing, and withdraws them when the ingest is abandoned or stalls (or a
+/// while after it is committed). Only ingests whose final size is known are advertised: the
+/// others cannot be served in progress.
+pub struct InProgressAdvertiser {
+    store: Arc<dyn Store>,
+    router: Arc<dyn Router>,
+    poll: Duration,
+    linger: Duration,
+    stall: Duration,
+    /// Advertised digests; `Some((t, g))` once committed: withdrawn at `t`, or as soon as the
+    /// image advertiser's generation moves past `g`.
+    advertised: HashMap<Digest, Option<(tokio::time::Instant, u64)>>,
+    /// The image advertiser, whose next publication after a commit names the blob's image.
+    images: Option<AdvertisedHandle>,
+}
+
+impl InProgressAdvertiser {
+    /// An advertiser with nothing advertised, polling every [`IN_PROGRESS_POLL`].
+    pub fn new(store: Arc<dyn Store>, router: Arc<dyn Router>) -> Self {
+        InProgressAdvertiser {
+            store,
+            router,
+            poll: IN_PROGRESS_POLL,
+            linger: IN_PROGRESS_LINGER,
+            stall: crate::store::ingest::DEFAULT_STALL,
+            advertised: HashMap::new(),
+            images: None,
+        }
+    }
+
+    /// Ends a committed blob's linger at the image advertiser's next publication: by then the
+    /// image that holds it is advertised under its own keys (or was deleted, and the blob
+    /// must not stay visible through this one).
+    pub fn with_images(mut self, images: AdvertisedHandle) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    /// Sets how long a committed blob stays advertised as in progress.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Sets how long an ingest may add nothing before it is withdrawn (the store's stall bound).
+    pub fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
+    }
+
+    /// Digests advertised as in progress now.
+    pub fn advertised(&self) -> HashSet<Digest> {
+        self.advertised.keys().cloned().collect()
+    }
+
+    /// Polls until the task is cancelled.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.step().await;
+        }
+    }
+
+    /// One look at the ingests: advertise new ones, withdraw ended ones.
+    pub async fn step(&mut self) {
+        let ingests = match self.store.in_progress().await {
+            Ok(ingests) => ingests,
+            Err(e) => {
+                debug!(error = %e, "could not list ingests");
+                return;
+            }
+        };
+        // Servable ones; a quiet writer may have died with its containerd, leaving the
+        // directory behind: peers must not wait on it.
+        let current: HashSet<Digest> = ingests
+            .iter()
+            .filter(|i| i.total.is_some() && i.idle < self.stall)
+            .map(|i| i.digest.clone())
+            .collect();
+        let stalled: HashSet<&Digest> = ingests
+            .iter()
+            .filter(|i| !current.contains(&i.digest))
+            .map(|i| &i.digest)
+            .collect();
+        let now = tokio::time::Instant::now();
+        let fresh: Vec<Digest> = current
+            .iter()
+            .filter(|d| !self.advertised.contains_key(*d))
+            .cloned()
+            .collect();
+        if !fresh.is_empty() {
+            let keys = fresh
+                .iter()
+                .map(|d| in_progress_key(&d.to_string()))
+                .collect();
+            match self.router.advertise(keys).await {
+                Ok(()) => {
+                    metrics::global()
+                        .in_progress_advertisements
+                        .inc_by(fresh.len() as u64);
+                    for d in fresh {
+                        debug!(digest = %d, "advertising blob in progress");
+                        self.advertised.insert(d, None);
+                    }
+                }
+                Err(e) => warn!(error = %e, "could not advertise blobs in progress"),
+            }
+        }
+        let mut gone = Vec::new();
+        let generation = self.images.as_ref().map(AdvertisedHandle::generation);
+        let ended: Vec<(Digest, Option<(tokio::time::Instant, u64)>)> = self
+            .advertised
+            .iter()
+            .map(|(d, s)| (d.clone(), *s))
+            .collect();
+        for (digest, state) in ended {
+            if current.contains(&digest) {
+                // Written again (e.g. deleted and pulled anew): in progress once more.
+                self.advertised.insert(digest, None);
+                continue;
+            }
+            let reason = match state {
+                None if stalled.contains(&digest) => "stalled",
+                None if self.store.descriptor(&digest).await.is_ok() => {
+                    let at = now + self.linger;
+                    self.advertised
+                        .insert(digest, Some((at, generation.unwrap_or(0))));
+                    continue;
+                }
+                None => "abandoned",
+                Some((at, seen)) if now < at && generation.is_none_or(|g| g == seen) => continue,
+                Some(_) => "committed",
+            };
+            metrics::global()
+                .in_progress_withdrawals
+                .with_label_values(&[reason])
+                .inc();
+            gone.push(digest);
+        }
+        if !gone.is_empty() {
+            let keys = gone
+                .iter()
+                .map(|d| in_progress_key(&d.to_string()))
+                .collect();
+            if let Err(e) = self.router.withdraw(keys).await {
+                warn!(error = %e, "could not withdraw blobs in progress");
+            }
+            for d in gone {
+                debug!(digest = %d, "blob no longer in progress");
+                self.advertised.remove(&d);
+            }
+        }
+        metrics::global()
+            .in_progress_advertised
+            .set(self.advertised.len() as i64);
     }
 }
 
@@ -891,5 +1072,68 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn ingests_are_advertised_in_progress_and_withdrawn() {
+        use crate::store::{ContainerdStore, ingest::fake::FakeIngest};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("content");
+        std::fs::create_dir_all(root.join("blobs")).unwrap();
+        // No containerd behind the socket: committed content cannot be confirmed, so a
+        // finished ingest is withdrawn at once.
+        let store = ContainerdStore::without_containerd(dir.path(), &root).await;
+        let router = Arc::new(RecordingRouter::default());
+        let mut adv = InProgressAdvertiser::new(Arc::new(store), router.clone());
+        let before = metrics::global().in_progress_advertisements.get();
+        let mut a = FakeIngest::start(&root, b"layer a", Some(7));
+        a.write(b"lay");
+        let b = FakeIngest::start(&root, b"layer b", Some(7));
+        let no_size = FakeIngest::start(&root, b"no total", None);
+        adv.step().await;
+        let key = |d: &Digest| in_progress_key(&d.to_string());
+        assert_eq!(
+            *router.keys.lock().unwrap(),
+            set(&[&key(&a.digest), &key(&b.digest)])
+        );
+        assert!(!adv.advertised().contains(&no_size.digest));
+        assert_eq!(
+            metrics::global().in_progress_advertisements.get(),
+            before + 2
+        );
+        // Unchanged ingests are not advertised again (the router asserts it).
+        adv.step().await;
+        b.abort();
+        a.commit();
+        adv.step().await;
+        assert!(router.keys.lock().unwrap().is_empty());
+        assert!(adv.advertised().is_empty());
+
+        // A writer that goes quiet (its containerd died, the directory stays) is withdrawn,
+        // and advertised again when it writes again.
+        let withdrawn = |reason: &str| {
+            metrics::global()
+                .in_progress_withdrawals
+                .with_label_values(&[reason])
+                .get()
+        };
+        let stalled_before = withdrawn("stalled");
+        let mut c = FakeIngest::start(&root, b"layer c", Some(7));
+        c.write(b"la");
+        adv.step().await;
+        assert_eq!(*router.keys.lock().unwrap(), set(&[&key(&c.digest)]));
+        let quiet = std::time::SystemTime::now() - crate::store::ingest::DEFAULT_STALL * 2;
+        c.data.set_modified(quiet).unwrap();
+        adv.step().await;
+        assert!(router.keys.lock().unwrap().is_empty());
+        assert_eq!(withdrawn("stalled"), stalled_before + 1);
+        adv.step().await;
+        assert!(
+            router.keys.lock().unwrap().is_empty(),
+            "a quiet ingest is not advertised"
+        );
+        c.write(b"y");
+        adv.step().await;
+        assert_eq!(*router.keys.lock().unwrap(), set(&[&key(&c.digest)]));
     }
 }

@@ -14,19 +14,20 @@ use crate::{
         Admin, AdminState,
         ui::{AdminUi, UiConfig, UiSources},
     },
-    advertise::Advertiser,
+    advertise::{Advertiser, InProgressAdvertiser},
     auth::{self, AuthError, BasicAuth},
     config::{BootstrapKind, RegistryArgs},
-    http::{self, Timeouts},
+    http::{self, Limits, Timeouts},
     mirror::{MirrorConfig, MirrorError, PeerMirror, selector_for},
     net::{AddrError, parse_listen_addr, split_host_port},
     oci::{FilterError, Filters},
-    registry::Registry,
+    registry::{CheckedRegistry, Registry},
     routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RoutingError, serve_http_bootstrap},
-    store::{ContainerdStore, ContainerdStoreConfig, Store, StoreError},
-    telemetry::{
-        self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, multiaddr_socket_addr,
+    store::{
+        CheckedStore, ContainerdStore, ContainerdStoreConfig, DEFAULT_VERIFY_BYTES_PER_SECOND,
+        Integrity, Store, StoreError, abort_poisoned_ingests,
     },
+    telemetry::{self, EbpfMode, KernelTelemetry, PeerSelection, TelemetryError, peer_socket_addr},
 };
 
 /// How often per-peer metrics are exported and, without eBPF, unmeasured peers probed.
@@ -133,6 +134,8 @@ pub struct MirrorSettings {
     pub max_resumes: usize,
     /// Stall after which a peer body counts as broken.
     pub body_stall_timeout: Duration,
+    /// Longest wait for another node fetching a blob missed at the same time; zero disables.
+    pub intent_wait: Duration,
 }
 
 /// The whole daemon configuration, validated.
@@ -160,6 +163,8 @@ pub struct AppConfig {
     pub visualize: bool,
     /// Connection timeouts of every listener (fixed).
     pub timeouts: Timeouts,
+    /// Connection limits, applied to the registry and the metrics listener separately.
+    pub limits: Limits,
 }
 
 impl AppConfig {
@@ -207,6 +212,7 @@ impl AppConfig {
                 race_timeout_floor: args.mirror_race_timeout_floor,
                 max_resumes: args.mirror_max_resumes,
                 body_stall_timeout: args.mirror_body_stall_timeout,
+                intent_wait: args.mirror_intent_wait,
             },
             telemetry: TelemetryConfig {
                 ebpf: args.ebpf,
@@ -216,6 +222,13 @@ impl AppConfig {
             debug_web: args.debug_web_enabled,
             visualize: args.visualize_enabled,
             timeouts: Timeouts::default(),
+            limits: Limits {
+                max_connections: args.max_connections.max(1),
+                max_per_ip: args.max_connections_per_ip.max(1),
+                first_byte: args.connection_first_byte_timeout,
+                min_rate: args.min_transfer_rate,
+                ..Limits::default()
+            },
         })
     }
 }
@@ -300,7 +313,9 @@ pub struct App {
     router: P2pRouter,
     router_task: JoinHandle<()>,
     advertise_task: JoinHandle<()>,
+    in_progress_task: JoinHandle<()>,
     upkeep_task: JoinHandle<()>,
+    verify_task: JoinHandle<()>,
     kernel: Option<Arc<KernelTelemetry>>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     shutdown: watch::Sender<bool>,
@@ -328,7 +343,12 @@ impl App {
         let selection = telemetry::choose_selection(config.telemetry.peer_selection, true);
         let selector = selector_for(selection, Some(telemetry.source.clone()));
         info!(selection = ?selection, telemetry = telemetry.source.source(), "peer selection");
-        let store: Arc<dyn Store> = Arc::new(ContainerdStore::connect(config.store).await?);
+        let containerd: Arc<dyn Store> = Arc::new(ContainerdStore::connect(config.store).await?);
+        // Everything serves and advertises through the check that hides blobs found corrupt.
+        let integrity = Integrity::new(DEFAULT_VERIFY_BYTES_PER_SECOND);
+        let verify_task = tokio::spawn(integrity.clone().run(containerd.clone()));
+        let store: Arc<dyn Store> =
+            Arc::new(CheckedStore::new(containerd.clone(), integrity.clone()));
         let registry_listener = bind("registry", config.listen.registry).await?;
         let metrics_listener = bind("metrics", config.listen.metrics).await?;
 
@@ -350,6 +370,11 @@ impl App {
         );
         let advertised = advertiser.view();
         let advertise_task = tokio::spawn(advertiser.run());
+        let in_progress_task = tokio::spawn(
+            InProgressAdvertiser::new(store.clone(), shared_router.clone())
+                .with_images(advertised.clone())
+                .run(),
+        );
 
         // Off by default: a disabled record costs one branch per request.
         let activity = if config.visualize {
@@ -370,10 +395,21 @@ impl App {
                 telemetry: Some(telemetry.source.clone()),
                 connection_telemetry: Some(telemetry.userspace.clone()),
                 activity: activity.clone(),
+                // containerd has written the wrong bytes it got; its retry must start afresh.
+                on_corrupt_blob: Some(Arc::new(move |digest: &crate::oci::Digest| {
+                    abort_poisoned_ingests(containerd.clone(), digest.clone())
+                })),
+                local_peer_id: Some(router.local_peer_id()),
+                intent_wait: config.mirror.intent_wait,
                 ..Default::default()
             },
         )?;
         let upkeep_router = router.clone();
+        // The router lists peers by IP; probes and series are per IP, the port only lets a
+        // probe connect (every node listens for the router on the same port).
+        let router_port = split_host_port(&config.listen.router)
+            .map(|(_, port)| port)
+            .unwrap_or(5001);
         let throughput = selector.clone();
         let upkeep_task = tokio::spawn(telemetry::maintain(
             move || {
@@ -381,7 +417,7 @@ impl App {
                     .peers()
                     .into_iter()
                     .flat_map(|(_, addrs)| addrs)
-                    .filter_map(|a| multiaddr_socket_addr(&a))
+                    .filter_map(|a| peer_socket_addr(&a, router_port))
                     .collect()
             },
             (!telemetry.ebpf_enabled).then(|| telemetry.userspace.clone()),
@@ -411,6 +447,11 @@ impl App {
             },
         );
         let ready_router = router.clone();
+        if let Some(hosts) = config.filters.registries() {
+            crate::metrics::global()
+                .registry_labels
+                .add_known(hosts.iter().map(String::as_str));
+        }
         let registry = Registry {
             store,
             filters: config.filters,
@@ -419,6 +460,7 @@ impl App {
             // A lone node serves its own content but is not ready (§3.5).
             ready: Arc::new(move || ready_router.ready()),
             activity,
+            searching: Default::default(),
         };
         let admin = Admin::new(
             AdminState {
@@ -433,16 +475,22 @@ impl App {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let timeouts = config.timeouts;
         let mut servers = vec![
-            tokio::spawn(http::serve(
+            // Each listener counts its own connections: a full registry port leaves metrics up.
+            tokio::spawn(http::serve_with(
                 registry_listener,
-                Arc::new(registry),
+                Arc::new(CheckedRegistry {
+                    registry,
+                    integrity,
+                }),
                 timeouts,
+                config.limits,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(http::serve(
+            tokio::spawn(http::serve_with(
                 metrics_listener,
                 Arc::new(admin),
                 timeouts,
+                config.limits,
                 shutdown_rx.clone(),
             )),
         ];
@@ -461,7 +509,9 @@ impl App {
             router,
             router_task,
             advertise_task,
+            in_progress_task,
             upkeep_task,
+            verify_task,
             kernel,
             servers,
             shutdown,
@@ -483,7 +533,9 @@ impl App {
         // Tell peers first, so they stop routing to us while in-flight requests finish.
         self.router.shutdown().await;
         self.advertise_task.abort();
+        self.in_progress_task.abort();
         self.upkeep_task.abort();
+        self.verify_task.abort();
         let _ = self.shutdown.send(true);
         for task in self.servers {
             task.await

@@ -178,6 +178,26 @@ pub struct RegistryArgs {
     /// original.
     #[arg(long, env = "MIRROR_BODY_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub mirror_body_stall_timeout: Duration,
+    /// Longest a blob miss waits for another node that missed it at the same moment and is
+    /// fetching it from upstream (elected by rendezvous hash); 0 disables. Not a flag of the
+    /// original.
+    #[arg(long, env = "MIRROR_INTENT_WAIT", default_value = "300ms", value_parser = parse_duration)]
+    pub mirror_intent_wait: Duration,
+    /// Connections served at once on each listener (registry, metrics); more are closed at
+    /// once, past a small reserve kept for /readyz, /livez and /metrics. Not a flag of the original.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value = "1024")]
+    pub max_connections: usize,
+    /// Connections served at once from one IP address on each listener. Not a flag of the
+    /// original.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value = "256")]
+    pub max_connections_per_ip: usize,
+    /// Time a new connection has to send its first byte. Not a flag of the original.
+    #[arg(long, env = "CONNECTION_FIRST_BYTE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connection_first_byte_timeout: Duration,
+    /// Least rate, in bytes/s, at which a client must read a response (measured over 30 s
+    /// while data waits for it); 0 disables. Not a flag of the original.
+    #[arg(long, env = "MIN_TRANSFER_RATE", default_value = "4096")]
+    pub min_transfer_rate: u64,
     /// Serve the debug web UI on the metrics listener.
     #[arg(long, env = "DEBUG_WEB_ENABLED", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub debug_web_enabled: bool,
@@ -359,6 +379,7 @@ mod tests {
         assert_eq!(args.mirror_race_timeout_floor, Duration::from_millis(100));
         assert_eq!(args.mirror_max_resumes, 5);
         assert_eq!(args.mirror_body_stall_timeout, Duration::from_secs(30));
+        assert_eq!(args.mirror_intent_wait, Duration::from_millis(300));
         assert_eq!(args.registry_addr, ":5000");
 
         let cli = Cli::try_parse_from([

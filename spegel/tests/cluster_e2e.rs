@@ -4,29 +4,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use bench::{
-    cluster::{Cluster, METRICS_PORT, REGISTRY_PORT},
+    cluster::{Cluster, REGISTRY_PORT},
     images::{BlobKind, ImageSpec, PushedImage},
 };
 
 const MIB: u64 = 1 << 20;
-
-fn metric(cluster: &Cluster, from: usize, node: usize, name: &str) -> f64 {
-    let addr: std::net::SocketAddr = format!("{}:{METRICS_PORT}", cluster.network().node_ip(node))
-        .parse()
-        .unwrap();
-    let name = name.to_string();
-    bench::images::in_netns(&cluster.network().node(from), move || {
-        bench::http::get(addr, "/metrics", &[])
-    })
-    .map(|r| {
-        String::from_utf8_lossy(&r.body)
-            .lines()
-            .filter(|l| l.starts_with(&name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    })
-    .unwrap_or(0.0)
-}
 
 fn assert_has_all(cluster: &Cluster, k: usize, image: &PushedImage) {
     for blob in &image.blobs {
@@ -108,7 +90,7 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
         )?;
     }
     // Node 1 no longer has the file either way, so its own count shows the withdrawal.
-    let advertised = |k| metric(&cluster, k, k, "spegel_advertised_content_digests");
+    let advertised = |k| cluster.metric(k, k, "spegel_advertised_content_digests");
     let before = advertised(1);
     assert!(
         before >= 3.0,
@@ -159,12 +141,12 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     cluster.upstream().pause();
 
     // Node 2 pulls everything from peers (upstream is down).
-    let hits_before = metric(&cluster, 2, 2, "spegel_mirror_requests_total{cache=\"hit\"");
+    let hits_before = cluster.metric(2, 2, "spegel_mirror_requests_total{cache=\"hit\"");
     for image in &images {
         cluster.node(2).pull(&image.reference, true)?;
         assert_has_all(&cluster, 2, image);
     }
-    assert!(metric(&cluster, 2, 2, "spegel_mirror_requests_total{cache=\"hit\"") > hits_before);
+    assert!(cluster.metric(2, 2, "spegel_mirror_requests_total{cache=\"hit\"") > hits_before);
 
     // Node 3 pulls the large image while its serving peer is killed mid-transfer. Both peers
     // are slowed so the transfer takes seconds; whichever is serving is killed.
@@ -203,13 +185,7 @@ fn three_nodes_pull_through_peers() -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while killed.is_none() && !puller.is_finished() && std::time::Instant::now() < deadline {
         for peer in [1, 2] {
-            if metric(
-                &cluster,
-                3,
-                peer,
-                "http_requests_inflight{handler=\"/v2/*\"}",
-            ) > 0.0
-            {
+            if cluster.metric(3, peer, "http_requests_inflight{handler=\"/v2/*\"}") > 0.0 {
                 std::thread::sleep(Duration::from_millis(300));
                 cluster.kill_daemon(peer);
                 killed = Some(peer);

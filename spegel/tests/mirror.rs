@@ -1,7 +1,6 @@
 //! Peer forwarding against in-process fake peers on 127.0.0.1 and a fake router.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -11,99 +10,28 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::StreamExt;
 use spegel::{
     auth::BasicAuth,
     http::{self, Body, Handler, Request, Response, Timeouts},
     mirror::{Mirror, MirrorConfig, MirrorRequest, PeerMirror, PeerSelector, TelemetrySelector},
     oci::{ByteRange, DistributionPath, Filters, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST},
     registry::Registry,
-    routing::{Peer, Router, RoutingError},
+    routing::in_progress_key,
     store::MemoryStore,
     telemetry::{NetTelemetry, StaticTelemetry},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::watch,
 };
+
+mod support;
+
+use support::{FakeRouter, body_of, forward, peer};
 
 const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const AUTH: &str = "Basic dXNlcjpwYXNz";
-
-// ---------------------------------------------------------------------------------------------
-// Fake router
-
-#[derive(Default)]
-struct FakeRouter {
-    providers: Mutex<HashMap<String, Vec<Peer>>>,
-    /// Keep lookups running (never close the channel) instead of finishing at once.
-    keep_open: bool,
-    held: Mutex<Vec<mpsc::Sender<Peer>>>,
-    lookups: Mutex<Vec<(String, usize)>>,
-    /// Deliver providers only after this long (a DHT whose peers are far away).
-    delay: Option<Duration>,
-}
-
-impl FakeRouter {
-    fn new(entries: &[(&str, Vec<Peer>)]) -> Arc<Self> {
-        let r = FakeRouter::default();
-        for (key, peers) in entries {
-            r.providers
-                .lock()
-                .unwrap()
-                .insert(key.to_string(), peers.clone());
-        }
-        Arc::new(r)
-    }
-}
-
-#[async_trait::async_trait]
-impl Router for FakeRouter {
-    fn ready(&self) -> bool {
-        true
-    }
-    async fn advertise(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
-        Ok(())
-    }
-    async fn withdraw(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
-        Ok(())
-    }
-    async fn lookup(&self, key: &str, count: usize) -> Result<mpsc::Receiver<Peer>, RoutingError> {
-        self.lookups.lock().unwrap().push((key.to_string(), count));
-        let peers = self
-            .providers
-            .lock()
-            .unwrap()
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        let (tx, rx) = mpsc::channel(64);
-        if let Some(delay) = self.delay {
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                for p in peers.into_iter().take(count) {
-                    let _ = tx.send(p).await;
-                }
-            });
-            return Ok(rx);
-        }
-        for p in peers.into_iter().take(count) {
-            tx.try_send(p).unwrap();
-        }
-        if self.keep_open {
-            self.held.lock().unwrap().push(tx);
-        }
-        Ok(rx)
-    }
-}
-
-fn peer(addr: SocketAddr) -> Peer {
-    Peer {
-        id: format!("peer-{}", addr.port()),
-        addrs: vec![addr],
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Content
@@ -118,16 +46,7 @@ struct Fixture {
 
 fn layer_bytes() -> Bytes {
     // Large enough to arrive in several reads; pseudo-random so offsets matter.
-    let mut x: u32 = 0x1234_5678;
-    (0..300_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    support::pseudo_random(0x1234_5678, 300_000)
 }
 
 fn fixture() -> Fixture {
@@ -259,6 +178,7 @@ async fn registry_server(
             auth,
             ready: Arc::new(|| true),
             activity: Default::default(),
+            searching: Default::default(),
         },
         log: log.clone(),
     };
@@ -447,39 +367,6 @@ fn mirror(router: Arc<FakeRouter>, tune: impl FnOnce(&mut MirrorConfig)) -> Peer
     PeerMirror::new(router, config).unwrap()
 }
 
-async fn forward(m: &PeerMirror, req: MirrorRequest) -> Response {
-    tokio::time::timeout(Duration::from_secs(30), m.forward(req))
-        .await
-        .expect("forward did not finish")
-}
-
-/// Reads the whole body the registry would write.
-async fn body_of(resp: Response) -> std::io::Result<Vec<u8>> {
-    match resp.body {
-        Body::Empty => Ok(Vec::new()),
-        Body::Bytes(b) => Ok(b.to_vec()),
-        Body::File { .. } => panic!("mirror never serves files"),
-        Body::Unbounded(_) => panic!("mirror bodies always have a length"),
-        Body::Stream { mut stream, len } => {
-            let mut out = Vec::new();
-            let read = async {
-                while let Some(chunk) = stream.next().await {
-                    out.extend_from_slice(&chunk?);
-                    if out.len() as u64 >= len {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            tokio::time::timeout(Duration::from_secs(30), read)
-                .await
-                .expect("body did not finish")?;
-            assert_eq!(out.len() as u64, len, "stream delivered a different length");
-            Ok(out)
-        }
-    }
-}
-
 fn error_body(resp: &Response) -> String {
     match &resp.body {
         Body::Bytes(b) => String::from_utf8(b.to_vec()).unwrap(),
@@ -647,7 +534,15 @@ async fn no_provider_answers_when_the_lookup_ends() {
         !task.is_finished(),
         "forward ended while the lookup was running"
     );
-    assert_eq!(router.lookups.lock().unwrap().len(), 1);
+    // A blob is looked up under its own key and the key of nodes still downloading it.
+    let keys: Vec<String> = router
+        .lookups
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(keys, vec![f.layer.clone(), in_progress_key(&f.layer)]);
     router.held.lock().unwrap().clear();
     let resp = tokio::time::timeout(Duration::from_secs(30), task)
         .await

@@ -213,6 +213,48 @@ async fn records_expire_without_reprovide() {
     .await;
 }
 
+/// The first node of a cluster advertises before anyone else is up, so its provide queries
+/// reach nobody. Once a peer joins, its keys are provided again: the joiner holds the record
+/// itself, and still finds the provider after it crashed (no longer reachable to ask).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_advertised_while_alone_are_provided_once_a_peer_joins() {
+    let ttl = Duration::from_secs(600);
+    let first = start("127.0.0.1", free_port(), 7200, ttl, None).await;
+    let key = "sha256:00000000000000000000000000000000000000000000000000000000000000ab";
+    first.router.advertise(vec![key.to_string()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !first.router.ready(),
+        "alone, so its provide reached nobody"
+    );
+    let second = start("127.0.0.1", free_port(), 7201, ttl, static_to(&first)).await;
+    wait_until("both ready", Duration::from_secs(30), || {
+        let ready = first.router.ready() && second.router.ready();
+        async move { ready }
+    })
+    .await;
+    wait_until("provider visible", Duration::from_secs(10), || async {
+        providers(&second.router, key).await.len() == 1
+    })
+    .await;
+    // Slack for the repeated provide query to land (milliseconds on loopback); the next
+    // re-provide would only come at half the TTL, five minutes away.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    first.task.abort();
+    let id = first.router.local_peer_id();
+    wait_until(
+        "the joiner answering from its own record",
+        Duration::from_secs(10),
+        || async {
+            providers(&second.router, key)
+                .await
+                .iter()
+                .any(|p| p.id == id)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_thousand_keys() {
     let nodes = cluster(2, Duration::from_secs(600)).await;

@@ -129,6 +129,7 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
             auth: None,
             ready: Arc::new(|| true),
             activity: activity.clone(),
+            searching: Default::default(),
         },
     });
     let listener = runtime
@@ -276,6 +277,7 @@ fn shutdown_ends_open_event_streams() {
             auth: None,
             ready: Arc::new(|| true),
             activity,
+            searching: Default::default(),
         },
     });
     let listener = runtime

@@ -51,7 +51,8 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
-    /// Run a benchmark (`serve`, `p2p`, `pull`); see `cargo xtask bench -- --help`.
+    /// Run a benchmark (`serve`, `p2p`, `pull`, `peers`, `load`, `soak`, `relay`); see
+    /// `cargo xtask bench -- --help`.
     Bench {
         /// Benchmark name and its arguments.
         #[arg(trailing_var_arg = true)]
@@ -120,7 +121,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // Build the daemon first: integration tests run it as a separate process, as users do.
     build_daemon()?;
     let mut rust = Command::new("cargo");
-    rust.args(["test", "--workspace", "--release"])
+    rust.args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(args)
         .env("SPEGEL_BIN", root.join("target/release/spegel"));
     eprintln!(
@@ -215,6 +216,45 @@ fn run_bench_binary(root: &Path, bin: &str, args: &[String]) -> anyhow::Result<(
         bin,
     ]))?;
     run(Command::new(root.join("target/release").join(bin))
-        .args(args)
+        .args(pass_through(args))
         .env("SPEGEL_BIN", root.join("target/release/spegel")))
+}
+
+/// The arguments for a bench binary, without the `--` users write before them as in
+/// `cargo xtask bench serve -- --runs 7` (clap keeps it in a trailing list; the binary rejects it).
+fn pass_through(args: &[String]) -> Vec<&String> {
+    let mut dropped = false;
+    args.iter()
+        .filter(|a| {
+            let skip = !dropped && a.as_str() == "--";
+            dropped |= skip;
+            !skip
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_through;
+
+    #[test]
+    fn the_first_separator_is_dropped() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = |v: &[&str]| {
+            pass_through(&args(v))
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got(&["serve", "--", "--runs", "7"]),
+            args(&["serve", "--runs", "7"])
+        );
+        assert_eq!(got(&["--", "--keep"]), args(&["--keep"]));
+        assert_eq!(
+            got(&["serve", "--runs", "7"]),
+            args(&["serve", "--runs", "7"])
+        );
+        assert_eq!(got(&["a", "--", "--"]), args(&["a", "--"]));
+    }
 }

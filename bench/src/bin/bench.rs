@@ -1,5 +1,7 @@
 //! Benchmarks: `bench serve` (data path against nginx), `bench p2p`, `bench pull` (cluster
-//! pulls under three setups).
+//! pulls under three setups), `bench peers` (peer choice, probe overhead), `bench load`
+//! (concurrent GETs, memory and files), `bench soak` (resource trend under continuous pulls),
+//! `bench relay` (CPU cost of verifying forwarded blobs).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -26,6 +28,92 @@ enum Bench {
         runs: usize,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/serve")]
+        output: PathBuf,
+    },
+    /// Peer choice on links that differ: one throttled provider, one distant provider, plain
+    /// ones; pull time and bytes per provider for every `--peer-selection` policy, same run.
+    /// `--probe-overhead` also runs `bench serve` with eBPF on against off.
+    Peers {
+        /// Nodes (at least 5): providers 1..n-1, the puller n.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 128)]
+        size_mib: u64,
+        /// Pulls per policy per run.
+        #[arg(long, default_value_t = 6)]
+        pulls: usize,
+        /// Rounds over every policy (medians over all pulls are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Sending rate of the throttled provider (node 1).
+        #[arg(long, default_value = "50mbit")]
+        rate: String,
+        /// Round-trip time added on node 2's link, milliseconds.
+        #[arg(long, default_value_t = 20)]
+        delay_ms: u64,
+        /// Extra argument for every daemon (repeatable), e.g. `--extra=--ebpf=off`.
+        #[arg(long, allow_hyphen_values = true)]
+        extra: Vec<String>,
+        /// Skip the peer-choice part (only with `--probe-overhead`).
+        #[arg(long)]
+        no_choice: bool,
+        /// Also measure the probes' cost: `bench serve` with `--ebpf=on` against `--ebpf=off`.
+        #[arg(long)]
+        probe_overhead: bool,
+        /// Blob size of the probe-overhead transfers, MiB.
+        #[arg(long, default_value_t = 1024)]
+        serve_size_mib: u64,
+        /// Transfers per daemon for the probe overhead.
+        #[arg(long, default_value_t = 9)]
+        serve_runs: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/peers")]
+        output: PathBuf,
+    },
+    /// Concurrent blob GETs against a local, a forwarding and a content-API daemon, some
+    /// clients slow: byte-exact count, peak RSS and open files per daemon.
+    Load {
+        /// Clients of the local, the forwarding and the content-API daemon.
+        #[arg(long, value_delimiter = ',', default_value = "200,150,150")]
+        clients: Vec<usize>,
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 4)]
+        size_mib: u64,
+        /// Every n-th client reads slowly; 0 for none.
+        #[arg(long, default_value_t = 10)]
+        slow_every: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/load")]
+        output: PathBuf,
+    },
+    /// Continuous pulls through the mirror for a fixed time; every daemon's RSS, open files and
+    /// threads sampled, with their trend per minute.
+    Soak {
+        /// Nodes (node 1 holds the images, the others pull).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Minutes of pulls.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 5)]
+        interval_s: u64,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/soak")]
+        output: PathBuf,
+    },
+    /// CPU cost of verifying forwarded blobs: node 2 relays one layer from node 1, whole
+    /// (sha256-verified) against `Range: bytes=1-` (same path, not verifiable), alternating.
+    Relay {
+        /// Layer size in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Transfer pairs (medians are reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/relay")]
         output: PathBuf,
     },
     /// Peer-to-peer on a 3-node testbed: hit latency, miss penalty, large pull peer vs registry.
@@ -223,6 +311,77 @@ chart: {}",
             std::fs::write(output.join("routing.md"), &table)?;
             println!("{table}");
         }
+        Bench::Load {
+            clients,
+            size_mib,
+            slow_every,
+            output,
+        } => {
+            let clients: [usize; 3] = clients.try_into().map_err(|_| {
+                anyhow::anyhow!("--clients takes three counts: local,forwarded,content-api")
+            })?;
+            let work = tempfile::tempdir()?;
+            let report = bench::load::run(&bench::load::Config {
+                clients,
+                size_mib,
+                slow_every,
+                work: work.path().to_path_buf(),
+                bin: bench::daemon::spegel_bin(),
+            })?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("load.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = report.markdown();
+            std::fs::write(output.join("load.md"), &table)?;
+            println!("{table}");
+            for f in report.failures.iter().take(10) {
+                println!("failed: {f}");
+            }
+        }
+        Bench::Soak {
+            nodes,
+            minutes,
+            interval_s,
+            output,
+        } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::soak::run(&bench::soak::Config {
+                nodes,
+                duration: Duration::from_secs(minutes * 60),
+                interval: Duration::from_secs(interval_s.max(1)),
+                work: work.path().to_path_buf(),
+                bin: bench::daemon::spegel_bin(),
+            })?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("soak.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = report.markdown();
+            std::fs::write(output.join("soak.md"), &table)?;
+            println!("{table}");
+            for f in report.failures.iter().take(10) {
+                println!("failed: {f}");
+            }
+        }
+        Bench::Relay {
+            size_mib,
+            runs,
+            output,
+        } => {
+            let work = tempfile::tempdir()?;
+            let report = bench::relay::run(work.path(), runs.max(1), size_mib)?;
+            std::fs::create_dir_all(&output)?;
+            std::fs::write(
+                output.join("relay.json"),
+                serde_json::to_vec_pretty(&report)?,
+            )?;
+            let table = bench::relay::table(&report);
+            std::fs::write(output.join("relay.md"), &table)?;
+            println!("{table}");
+        }
         Bench::P2p {
             runs,
             large_mib,
@@ -235,6 +394,77 @@ chart: {}",
             let table = bench::p2p::table(&report);
             std::fs::write(output.join("p2p.md"), &table)?;
             println!("{table}");
+        }
+        Bench::Peers {
+            nodes,
+            size_mib,
+            pulls,
+            runs,
+            rate,
+            delay_ms,
+            extra,
+            no_choice,
+            probe_overhead,
+            serve_size_mib,
+            serve_runs,
+            output,
+        } => {
+            std::fs::create_dir_all(&output)?;
+            if !no_choice {
+                let work = tempfile::tempdir()?;
+                let config = bench::peers::Config {
+                    nodes,
+                    size_mib,
+                    pulls: pulls.max(1),
+                    runs: runs.max(1),
+                    rate,
+                    delay: Duration::from_millis(delay_ms),
+                    extra,
+                    work: work.path().to_path_buf(),
+                };
+                let report = bench::peers::run(&config)?;
+                let [json, md] = bench::peers::write(&report, &output)?;
+                println!("{}", bench::peers::markdown(&report));
+                println!("raw figures: {}\ntable: {}", json.display(), md.display());
+            }
+            if probe_overhead {
+                let work = tempfile::tempdir()?;
+                let (runs, summaries) = bench::serve::run_with(
+                    serve_size_mib << 20,
+                    serve_runs.max(1),
+                    work.path(),
+                    &[
+                        ("spegel-ebpf-on", &["--ebpf=on"]),
+                        ("spegel-ebpf-off", &["--ebpf=off"]),
+                    ],
+                    false,
+                )?;
+                std::fs::write(
+                    output.join("probe-overhead.json"),
+                    serde_json::to_vec_pretty(
+                        &serde_json::json!({"runs": runs, "summary": summaries}),
+                    )?,
+                )?;
+                let off = summaries.iter().find(|s| s.server == "spegel-ebpf-off");
+                let mut table = String::from(
+                    "| daemon | throughput (GiB/s, median) | CPU s per GiB (median) | throughput vs off | CPU vs off |\n|---|---:|---:|---:|---:|\n",
+                );
+                for s in &summaries {
+                    let (t, c) = off
+                        .map(|o| (s.gib_per_s / o.gib_per_s, s.cpu_s_per_gib / o.cpu_s_per_gib))
+                        .unwrap_or((1.0, 1.0));
+                    table.push_str(&format!(
+                        "| {} | {:.2} | {:.3} | {:+.1} % | {:+.1} % |\n",
+                        s.server,
+                        s.gib_per_s,
+                        s.cpu_s_per_gib,
+                        (t - 1.0) * 100.0,
+                        (c - 1.0) * 100.0
+                    ));
+                }
+                std::fs::write(output.join("probe-overhead.md"), &table)?;
+                println!("{table}");
+            }
         }
         Bench::Serve {
             size_mib,

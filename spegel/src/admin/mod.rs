@@ -102,6 +102,10 @@ impl Handler for Admin {
             None => Response::empty(404),
         }
     }
+
+    fn reserved(&self, req: &Request) -> bool {
+        req.path == "/metrics"
+    }
 }
 
 fn json(value: &impl serde::Serialize) -> Response {

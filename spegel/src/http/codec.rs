@@ -216,6 +216,14 @@ fn to_request(req: &httparse::Request<'_, '_>) -> Result<Request, ReadError> {
     })
 }
 
+/// How far a file that is still being written holds final bytes (see [`Body::Growing`]).
+#[async_trait::async_trait]
+pub trait Growth: Send {
+    /// Waits until more than `have` bytes of the file are final and returns how many are (at
+    /// most the content's size). An error means no more will come: the response is cut.
+    async fn wait_beyond(&mut self, have: u64) -> io::Result<u64>;
+}
+
 /// A response body.
 pub enum Body {
     /// No body.
@@ -230,6 +238,18 @@ pub enum Body {
         offset: u64,
         /// Number of bytes to send.
         len: u64,
+    },
+    /// `len` bytes of `file` from `offset`, where the file is still being written: sent with
+    /// `sendfile(2)` as far as `growth` says the bytes are final, then waiting for more.
+    Growing {
+        /// The open file being written.
+        file: std::fs::File,
+        /// First byte to send.
+        offset: u64,
+        /// Number of bytes to send (the content's final size decides the promise).
+        len: u64,
+        /// Says how far the file is final; an error cuts the response.
+        growth: Box<dyn Growth>,
     },
     /// Exactly `len` bytes from a stream.
     Stream {
@@ -249,6 +269,7 @@ impl std::fmt::Debug for Body {
             Body::Empty => f.write_str("Empty"),
             Body::Bytes(b) => write!(f, "Bytes({})", b.len()),
             Body::File { offset, len, .. } => write!(f, "File({offset}+{len})"),
+            Body::Growing { offset, len, .. } => write!(f, "Growing({offset}+{len})"),
             Body::Stream { len, .. } => write!(f, "Stream({len})"),
             Body::Unbounded(_) => f.write_str("Unbounded"),
         }
@@ -261,7 +282,7 @@ impl Body {
         match self {
             Body::Empty | Body::Unbounded(_) => 0,
             Body::Bytes(b) => b.len() as u64,
-            Body::File { len, .. } | Body::Stream { len, .. } => *len,
+            Body::File { len, .. } | Body::Growing { len, .. } | Body::Stream { len, .. } => *len,
         }
     }
 

@@ -14,6 +14,8 @@ pub mod server;
 mod writer;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use codec::{Body, MAX_HEAD, ReadError, Request, Response, parse_head, read_request, reason};
+pub use codec::{
+    Body, Growth, MAX_HEAD, ReadError, Request, Response, parse_head, read_request, reason,
+};
 pub use sendfile::sendfile_all;
-pub use server::{Handler, Timeouts, serve};
+pub use server::{Handler, Limits, Timeouts, serve, serve_with};

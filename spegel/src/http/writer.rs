@@ -1,5 +1,6 @@
 //! Writes a response to the socket: heads and in-memory bodies with `write_all`, file bodies with
-//! `sendfile(2)` under `TCP_CORK` (no body byte passes through userspace), streams chunk by chunk.
+//! `sendfile(2)` under `TCP_CORK` (no body byte passes through userspace), files still being
+//! written by `sendfile(2)` as far as they are final, streams chunk by chunk.
 
 use std::time::Duration;
 
@@ -46,6 +47,26 @@ pub(super) async fn write_response(
                 let _ = sendfile::set_cork(stream, false);
             }
             result
+        }
+        Body::Growing {
+            file,
+            offset,
+            len,
+            mut growth,
+        } => {
+            timed(stall, stream.write_all(&head)).await?;
+            let end = offset + len;
+            let mut at = offset;
+            while at < end {
+                // Only bytes the source vouches for go out: never one not at its final offset.
+                let ready = growth.wait_beyond(at).await?.min(end);
+                if ready <= at {
+                    return Err(std::io::Error::other("growing body made no progress"));
+                }
+                sendfile_all(stream, &file, at, ready - at, stall).await?;
+                at = ready;
+            }
+            Ok(())
         }
         Body::Stream {
             stream: mut body,

@@ -15,10 +15,14 @@ use crate::{
         OCTET_STREAM,
     },
     routing::Peer,
+    store::MISMATCH_REPORT_PATH,
 };
 
 /// Delay between connection attempts to a peer's successive addresses (Happy Eyeballs).
 const EYEBALLS_DELAY: Duration = Duration::from_millis(15);
+
+/// Longest a mismatch report may take; it is a hint, nobody waits for it.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to ask a peer for.
 #[derive(Debug, Clone)]
@@ -137,6 +141,39 @@ impl PeerClient {
             errors.remove(0)
         } else {
             FetchError::AllAddresses(errors)
+        })
+    }
+
+    /// Tells `peer` that its copy of blob `digest` did not match the digest (so it verifies
+    /// it), trying its addresses in turn; success is any answer the peer gives.
+    pub async fn report_mismatch(
+        &self,
+        peer: &Peer,
+        digest: &crate::oci::Digest,
+    ) -> Result<StatusCode, FetchError> {
+        let mut errors = Vec::new();
+        for addr in &peer.addrs {
+            let mut builder = http::Request::builder()
+                .method(Method::POST)
+                .uri(format!("http://{addr}{MISMATCH_REPORT_PATH}{digest}"))
+                .header(MIRRORED_HEADER, "true")
+                .header(header::USER_AGENT, "spegel");
+            if let Some(auth) = &self.authorization {
+                builder = builder.header(header::AUTHORIZATION, auth.clone());
+            }
+            let request = builder
+                .body(Empty::new())
+                .map_err(|e| FetchError::Invalid(format!("building request: {e}")))?;
+            match tokio::time::timeout(REPORT_TIMEOUT, self.http.send(request)).await {
+                Ok(Ok(response)) => return Ok(response.status()),
+                Ok(Err(e)) => errors.push(FetchError::Http(e)),
+                Err(_) => errors.push(FetchError::Invalid("report timed out".into())),
+            }
+        }
+        Err(match errors.len() {
+            0 => FetchError::NoAddress,
+            1 => errors.remove(0),
+            _ => FetchError::AllAddresses(errors),
         })
     }
 

@@ -27,6 +27,10 @@ pub const UNKNOWN_BLOB_BYTES: u64 = 32 << 20;
 const UNTRIED_OPTIMISM: f64 = 1.1;
 /// Default share of orderings that put a non-best provider first, in per mille.
 pub const EXPLORE_PER_MILLE: u32 = 50;
+/// A body moves to another provider only if that saves at least this much time.
+const SWITCH_MIN_GAIN: Duration = Duration::from_secs(2);
+/// A measured alternative must be expected this many times faster than the current body.
+const SWITCH_SPEEDUP: f64 = 2.0;
 /// Peers remembered; the least recently updated idle one is forgotten beyond this.
 const MAX_PEERS: usize = 4096;
 
@@ -364,6 +368,40 @@ impl PeerSelector for TelemetrySelector {
         });
     }
 
+    fn switch_away(
+        &self,
+        key: &str,
+        _current: &Peer,
+        rate: f64,
+        remaining: u64,
+        others: &[Peer],
+    ) -> bool {
+        if others.is_empty() || rate.is_nan() || rate <= 0.0 {
+            return false;
+        }
+        let left = remaining as f64 / rate;
+        if left < SWITCH_MIN_GAIN.as_secs_f64() {
+            return false;
+        }
+        let state = self.lock();
+        // An untried provider is worth one probe: if it is slower, its body is measured and
+        // left the same way, and the number of switches per body is bounded by the caller.
+        if others.iter().any(|p| {
+            state
+                .peers
+                .get(&p.id)
+                .is_none_or(|s| s.throughput.is_none())
+        }) {
+            return true;
+        }
+        let estimates = self.estimate(&state, key, Some(remaining), others);
+        let best = estimates
+            .iter()
+            .map(|c| c.cost)
+            .fold(f64::INFINITY, f64::min);
+        best * SWITCH_SPEEDUP < left && left - best >= SWITCH_MIN_GAIN.as_secs_f64()
+    }
+
     fn throughput(&self, ip: IpAddr) -> Option<f64> {
         let ip = ip.to_canonical();
         self.lock()
@@ -590,5 +628,24 @@ mod tests {
         let throttled = seen.iter().filter(|c| *c == "p1").count();
         assert!(throttled <= 1, "{seen:?}");
         assert_eq!(seen.last().map(String::as_str), Some("p2"), "{seen:?}");
+    }
+
+    #[test]
+    fn a_slow_body_moves_only_when_that_saves_time() {
+        let s = TelemetrySelector::with_seed(None, 17, 0);
+        let (slow, fast, other) = (peer(1), peer(2), peer(3));
+        let left = 120u64 << 20;
+        // Nothing known about the others: a long slow body probes one of them.
+        assert!(s.switch_away("k", &slow, 6e6, left, std::slice::from_ref(&fast)));
+        // Nearly done, or nobody else: stay.
+        assert!(!s.switch_away("k", &slow, 6e6, 6 << 20, std::slice::from_ref(&fast)));
+        assert!(!s.switch_away("k", &slow, 6e6, left, &[]));
+        // Measured alternatives: only a much faster one is worth the move.
+        fetch(&s, "a", &fast, 64 << 20, 300e6);
+        fetch(&s, "b", &other, 64 << 20, 7e6);
+        assert!(s.switch_away("k", &slow, 6e6, left, &[fast.clone(), other.clone()]));
+        assert!(!s.switch_away("k", &slow, 6e6, left, std::slice::from_ref(&other)));
+        // A fast body is never moved.
+        assert!(!s.switch_away("k", &fast, 300e6, left, &[slow.clone(), other]));
     }
 }

@@ -3,21 +3,27 @@
 //! resuming bodies (`body`), and the OCI requests to peers (`client`, over
 //! [`crate::http::Client`]). The registry sees only the [`Mirror`] trait.
 
+mod blame;
 mod body;
 mod client;
 mod cost;
 mod hedger;
+mod intent;
+mod lookup;
 mod race;
 mod selector;
+mod verify;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub use blame::{BAD_PEER_CAPACITY, BAD_PEER_TTL, BadPeers};
 pub use client::{FetchError, FetchSpec, describe};
 pub use cost::{EXPLORE_PER_MILLE, TelemetrySelector, UNKNOWN_BLOB_BYTES};
 pub use hedger::{Hedger, INITIAL_HEDGE};
+pub use intent::{INTENT_TTL, WaitOutcome, score as intent_score};
 pub use selector::{
     LatencySelector, LeastUsedSelector, Outcome, PeerSelector, PeerStat, SelectorStats,
 };
@@ -67,6 +73,12 @@ pub trait Mirror: Send + Sync + 'static {
     async fn forward(&self, request: MirrorRequest) -> Response;
 }
 
+/// What [`MirrorConfig::on_corrupt_blob`] calls with the digest of a blob relayed corrupt.
+pub type CorruptBlobHook = Arc<dyn Fn(&crate::oci::Digest) + Send + Sync>;
+/// Default of [`MirrorConfig::intent_wait`]: well under a second of added latency when the
+/// node waited for is slow to start.
+pub const DEFAULT_INTENT_WAIT: Duration = Duration::from_millis(300);
+
 /// Settings of [`PeerMirror`].
 #[derive(Clone)]
 pub struct MirrorConfig {
@@ -93,6 +105,15 @@ pub struct MirrorConfig {
     pub connection_telemetry: Option<Arc<UserspaceTelemetry>>,
     /// Record of peer fetches for `/visualize` (disabled by default).
     pub activity: Activity,
+    /// Called with the digest when a whole blob relayed from peers did not match it (the
+    /// client holds a wrong partial copy), e.g. to abort the local ingest.
+    pub on_corrupt_blob: Option<CorruptBlobHook>,
+    /// This node's peer ID, for the election among nodes that miss a blob at the same time;
+    /// `None` (the default) disables intents and waits.
+    pub local_peer_id: Option<String>,
+    /// Longest wait for another node that fetches a blob this one missed at the same time;
+    /// zero disables waits.
+    pub intent_wait: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -109,6 +130,9 @@ impl Default for MirrorConfig {
             telemetry: None,
             connection_telemetry: None,
             activity: Activity::disabled(),
+            on_corrupt_blob: None,
+            local_peer_id: None,
+            intent_wait: DEFAULT_INTENT_WAIT,
         }
     }
 }
@@ -125,6 +149,8 @@ impl std::fmt::Debug for MirrorConfig {
             .field("body_stall_timeout", &self.body_stall_timeout)
             .field("telemetry", &self.telemetry.as_ref().map(|t| t.source()))
             .field("connection_telemetry", &self.connection_telemetry.is_some())
+            .field("local_peer_id", &self.local_peer_id)
+            .field("intent_wait", &self.intent_wait)
             .finish_non_exhaustive()
     }
 }
@@ -165,7 +191,10 @@ struct Shared {
     selector: Arc<dyn PeerSelector>,
     hedger: Hedger,
     timeouts: AdaptiveTimeouts,
+    intents: intent::Intents,
     config: MirrorConfig,
+    /// Peers that sent a blob not matching its digest, skipped for that digest.
+    bad_peers: BadPeers,
 }
 
 /// Forwards requests to the providers the router finds, hedging and resuming (§2.8).
@@ -198,7 +227,9 @@ impl PeerMirror {
                 selector: config.selector.clone(),
                 hedger: Hedger::new(),
                 timeouts: AdaptiveTimeouts::new(config.telemetry.clone()),
+                intents: intent::Intents::new(config.local_peer_id.clone()),
                 config,
+                bad_peers: BadPeers::default(),
             }),
         })
     }
@@ -227,10 +258,23 @@ impl PeerMirror {
         let not_found = |attempts: usize, message: &str| {
             not_found_anywhere(kind, &key, attempts, message, head)
         };
-        let lookup = match shared
-            .router
-            .lookup(&key, shared.config.resolve_retries.max(1))
-            .await
+        // A blob miss is announced as an intent; the election among the nodes that missed it
+        // together runs beside the lookup and is read only if the lookup finds no source.
+        let election = if kind == Kind::Blob {
+            shared.intents.begin(&shared.router, &key)
+        } else {
+            None
+        };
+        // A blob is also looked up among the nodes still downloading it (complete ones first);
+        // their grace stays under the race's idle wait so it cannot make the race give up.
+        let lookup = match lookup::lookup(
+            &shared.router,
+            &key,
+            shared.config.resolve_retries.max(1),
+            kind == Kind::Blob,
+            shared.config.resolve_timeout / 2,
+        )
+        .await
         {
             Ok(rx) => rx,
             Err(e) => {
@@ -239,14 +283,36 @@ impl PeerMirror {
                 return not_found(0, "could not find peer for");
             }
         };
-        let mut pool = Pool::new(key.clone(), lookup);
+        // Ranges and HEADs cannot be verified, but skip the copies already known bad too.
+        let mut pool = Pool::new(key.clone(), lookup).excluding(shared.bad_peers.bad_for(&key));
         let spec = FetchSpec {
             path: request.path.clone(),
             head,
             range: request.range,
         };
-        let winner = match race(shared, &mut pool, &spec).await {
-            Ok(w) => w,
+        let mut waited = None;
+        let raced = race(shared, &mut pool, &spec).await;
+        let raced = match (raced, election) {
+            (Err(e), Some(election)) if !matches!(e, RaceError::Unsatisfiable { .. }) => {
+                match intent::wait(shared, election, &key, &spec).await {
+                    Some((from_wait, winner, duration)) => {
+                        pool = from_wait;
+                        waited = Some(duration);
+                        Ok(winner)
+                    }
+                    None => Err(e),
+                }
+            }
+            (raced, _) => raced,
+        };
+        let winner = match raced {
+            Ok(w) => {
+                if kind == Kind::Blob {
+                    // A source is found: this node's intent would only mislead later misses.
+                    shared.intents.settle(&key);
+                }
+                w
+            }
             Err(e) => {
                 debug!(error = ?e, "no peer could serve the request");
                 return match e {
@@ -293,6 +359,7 @@ impl PeerMirror {
                 e.status = response.status;
                 e.hedged = winner.attempts > 1;
                 e.head = head;
+                e.waited_ms = waited.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
                 e
             },
             started,
@@ -303,6 +370,14 @@ impl PeerMirror {
             }
             return response;
         }
+        // A whole blob is checked against the digest it was asked by before its last bytes go
+        // out: the provider may have served it while still downloading it, unverified.
+        let check = request.path.reference.digest.clone().filter(|d| {
+            kind == Kind::Blob
+                && start == 0
+                && len == fetched.size
+                && d.algorithm() == crate::oci::Algorithm::Sha256
+        });
         let body = ResumingBody::new(
             shared.clone(),
             pool,
@@ -318,10 +393,15 @@ impl PeerMirror {
             deadline,
             record,
         );
-        response.body(Body::Stream {
-            stream: body.into_stream(),
-            len,
-        })
+        let contributors = body.contributors();
+        let mut stream = body.into_stream();
+        if let Some(digest) = check {
+            let (shared, blamed) = (shared.clone(), digest.clone());
+            stream = verify::verified(stream, digest, len, move || {
+                blame::blob_mismatch(&shared, &blamed, contributors.peers())
+            });
+        }
+        response.body(Body::Stream { stream, len })
     }
 }
 

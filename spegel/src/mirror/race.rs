@@ -65,6 +65,8 @@ pub struct Pool {
     /// Whether `spegel_resolve_duration_seconds` has been observed for this lookup.
     resolved: bool,
     known: Vec<Known>,
+    /// Providers known to have sent a copy of this key that did not match its digest.
+    excluded: HashSet<String>,
 }
 
 impl Pool {
@@ -76,7 +78,14 @@ impl Pool {
             started: Instant::now(),
             resolved: false,
             known: Vec::new(),
+            excluded: HashSet::new(),
         }
+    }
+
+    /// Never asks the providers in `peers` (by id), whatever the lookup delivers.
+    pub fn excluding(mut self, peers: HashSet<String>) -> Self {
+        self.excluded = peers;
+        self
     }
 
     /// Whether the lookup has finished (no more providers will arrive).
@@ -94,6 +103,11 @@ impl Pool {
                 .observe(self.started.elapsed().as_secs_f64());
         }
         if self.known.iter().any(|k| k.peer.id == peer.id) {
+            return;
+        }
+        if self.excluded.contains(&peer.id) {
+            debug!(peer = %peer.id, "skipping a provider that sent a corrupt copy of this key");
+            crate::metrics::global().mirror_bad_peer_skips.inc();
             return;
         }
         debug!(peer = %peer.id, "provider found");
@@ -121,6 +135,22 @@ impl Pool {
         if let Some(k) = self.known.iter_mut().find(|k| k.peer.id == peer.id) {
             k.failed = true;
         }
+    }
+
+    /// The key whose providers these are.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Providers known so far (the lookup's ready ones included) that did not fail or break
+    /// in this request, other than `current`.
+    pub fn alternatives(&mut self, current: &Peer) -> Vec<Peer> {
+        self.drain_ready();
+        self.known
+            .iter()
+            .filter(|k| !k.failed && k.broken == 0 && k.peer.id != current.id)
+            .map(|k| k.peer.clone())
+            .collect()
     }
 
     /// Records that `peer`'s body broke, so resumes prefer other providers.

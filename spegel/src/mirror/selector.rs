@@ -42,6 +42,20 @@ pub trait PeerSelector: SelectorStats + Send + Sync + 'static {
     fn observe_transfer(&self, peer: &Peer, bytes: u64, elapsed: Duration) {
         let _ = (peer, bytes, elapsed);
     }
+    /// Whether a body of `key` now arriving from `current` at `rate` bytes/s, with `remaining`
+    /// bytes still to come, should move to one of `others` (via a range request from the
+    /// exact byte reached). Only selectors that weigh throughput ever say yes.
+    fn switch_away(
+        &self,
+        key: &str,
+        current: &Peer,
+        rate: f64,
+        remaining: u64,
+        others: &[Peer],
+    ) -> bool {
+        let _ = (key, current, rate, remaining, others);
+        false
+    }
     /// Recent transfer throughput from address `ip` in bytes per second, if measured.
     fn throughput(&self, ip: IpAddr) -> Option<f64> {
         let _ = ip;

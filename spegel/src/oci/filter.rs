@@ -66,6 +66,11 @@ impl Filters {
         Ok(Filters { whitelist, regexes })
     }
 
+    /// The `--mirrored-registries` allow-list (host and port), `None` when everything is mirrored.
+    pub fn registries(&self) -> Option<&[String]> {
+        self.whitelist.as_deref()
+    }
+
     /// Whether `reference` must not be mirrored nor advertised.
     pub fn is_filtered(&self, reference: &Reference) -> bool {
         if let Some(hosts) = &self.whitelist

@@ -36,16 +36,16 @@ pub enum RangeError {
     EmptyContent,
 }
 
+/// Positions saturate here: no content is larger, and containerd offsets are `i64`.
 const MAX_POS: u64 = i64::MAX as u64;
 
+/// A position: `1*DIGIT` of any length is valid (RFC 9110 §14.1.1), so a huge value saturates
+/// at [`MAX_POS`] instead of failing: `bytes=0-18446744073709551615` asks for everything.
 fn parse_pos(s: &str, whole: &str) -> Result<u64, RangeError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(RangeError::Invalid(whole.to_string()));
     }
-    match s.parse::<u64>() {
-        Ok(n) if n <= MAX_POS => Ok(n),
-        _ => Err(RangeError::Invalid(whole.to_string())),
-    }
+    Ok(s.parse::<u64>().map_or(MAX_POS, |n| n.min(MAX_POS)))
 }
 
 impl FromStr for ByteRange {
@@ -185,11 +185,26 @@ mod tests {
             "bytes=",
             "bytes=5",
             "bytes=+1-2",
-            "bytes=99999999999999999999-",
-            "bytes=-9223372036854775808",
         ] {
             assert!(bad.parse::<ByteRange>().is_err(), "{bad}");
         }
+        // Valid however large: positions saturate.
+        assert_eq!(
+            "bytes=0-18446744073709551615".parse(),
+            Ok(ByteRange::FromTo(0, MAX_POS))
+        );
+        assert_eq!(
+            "bytes=0-999999999999999999999999".parse(),
+            Ok(ByteRange::FromTo(0, MAX_POS))
+        );
+        assert_eq!(
+            "bytes=99999999999999999999-".parse(),
+            Ok(ByteRange::From(MAX_POS))
+        );
+        assert_eq!(
+            "bytes=-9223372036854775808".parse(),
+            Ok(ByteRange::Suffix(MAX_POS))
+        );
     }
 
     #[test]
@@ -223,6 +238,21 @@ mod tests {
             })
         );
         assert_eq!(r("bytes=0-0").resolve(0), Err(RangeError::EmptyContent));
+        assert_eq!(
+            r("bytes=0-18446744073709551615")
+                .resolve(20)
+                .unwrap()
+                .to_string(),
+            "bytes 0-19/20"
+        );
+        assert_eq!(
+            r("bytes=-18446744073709551615")
+                .resolve(20)
+                .unwrap()
+                .to_string(),
+            "bytes 0-19/20"
+        );
+        assert!(r("bytes=18446744073709551615-").resolve(20).is_err());
     }
 
     #[test]

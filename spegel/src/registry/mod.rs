@@ -2,14 +2,21 @@
 //! manifest and blob responses (§2.1–§2.7). Content this node lacks goes to the [`Mirror`] it
 //! is given; the HTTP server around it is [`crate::http`].
 
-use std::sync::Arc;
+mod report;
+
+pub use report::CheckedRegistry;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use tracing::{debug, warn};
 
 use crate::{
     activity::{self, Activity, Direction, Event, Outcome},
     auth::BasicAuth,
-    http::{Body, Handler, Request, Response},
+    http::{Body, Growth, Handler, Request, Response},
     metrics,
     mirror::{Mirror, MirrorRequest},
     oci::{
@@ -36,6 +43,61 @@ pub struct Registry {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Record of requests for `/visualize` (disabled by default: records nothing).
     pub activity: Activity,
+    /// Blobs this node's containerd is asking peers for right now.
+    pub searching: Searching,
+}
+
+/// Blobs whose forward to peers has not yet found a provider, or whose body from a peer is
+/// still streaming to this node's containerd. containerd creates a blob's
+/// ingest before it asks the mirror, so such an ingest is advertised while its node is itself
+/// still looking for a source: serving it would let two nodes that miss the same blob at the
+/// same moment wait on each other's empty ingest until the stall bound. A node refuses to serve
+/// in progress what it is still searching for; the asker then tries other providers or goes
+/// upstream at once. While the body streams, the ingest is fed by a peer: serving it in progress
+/// could feed that peer's own download through this node (a cycle, which stalls both until
+/// the stall bound), so it is refused then too; in-progress bytes only go out of ingests fed by
+/// upstream.
+#[derive(Debug, Default, Clone)]
+pub struct Searching(Arc<Mutex<HashMap<Digest, usize>>>);
+
+impl Searching {
+    fn contains(&self, digest: &Digest) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(digest)
+    }
+
+    fn enter(&self, digest: Digest) -> SearchGuard {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_default() += 1;
+        SearchGuard {
+            searching: self.clone(),
+            digest,
+        }
+    }
+}
+
+/// Ends a search when dropped (also when the request is cancelled).
+struct SearchGuard {
+    searching: Searching,
+    digest: Digest,
+}
+
+impl Drop for SearchGuard {
+    fn drop(&mut self) {
+        let mut map = self.searching.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// Metrics label for a request path.
@@ -45,6 +107,28 @@ pub fn handler_label(path: &str) -> &'static str {
         "/livez" => "/livez",
         p if p.starts_with("/v2") => "/v2/*",
         _ => "other",
+    }
+}
+
+/// 405 for a method other than GET or HEAD on a route this pull-only registry serves.
+fn method_not_allowed() -> Response {
+    Response::empty(405).header("Allow", "GET, HEAD")
+}
+
+/// Counts the bytes of a growing body as they are released to the socket.
+struct CountedGrowth<G> {
+    inner: G,
+    end: u64,
+}
+
+#[async_trait::async_trait]
+impl<G: Growth> Growth for CountedGrowth<G> {
+    async fn wait_beyond(&mut self, have: u64) -> std::io::Result<u64> {
+        let ready = self.inner.wait_beyond(have).await?.min(self.end);
+        metrics::global()
+            .in_progress_served_bytes
+            .inc_by(ready.saturating_sub(have));
+        Ok(ready)
     }
 }
 
@@ -69,6 +153,10 @@ impl Handler for Registry {
     fn log_served(&self, label: &'static str) -> bool {
         label == "/v2/*"
     }
+
+    fn reserved(&self, req: &Request) -> bool {
+        matches!(req.path.as_str(), "/readyz" | "/livez")
+    }
 }
 
 impl Registry {
@@ -76,7 +164,12 @@ impl Registry {
     pub async fn handle(&self, req: &Request) -> Response {
         let head = req.is_head();
         if req.method != "GET" && !head {
-            return Response::empty(404);
+            // A pull-only registry: known routes name the methods they take (RFC 9110 §15.5.6).
+            return match req.path.as_str() {
+                "/readyz" | "/livez" | "/v2" => method_not_allowed(),
+                p if p.starts_with("/v2/") => method_not_allowed(),
+                _ => Response::empty(404),
+            };
         }
         match req.path.as_str() {
             "/readyz" => return Response::empty(if (self.ready)() { 200 } else { 500 }),
@@ -88,11 +181,13 @@ impl Registry {
         if let Some(auth) = &self.auth
             && !auth.verify(req.header("authorization"))
         {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
             return oci_error(
                 401,
                 OciError::new(ErrorCode::Unauthorized, "invalid credentials"),
                 head,
-            );
+            )
+            .header("WWW-Authenticate", r#"Basic realm="spegel""#);
         }
         if req.path == "/v2/" {
             return Response::empty(200);
@@ -110,9 +205,11 @@ impl Registry {
         let range = match (path.kind, req.header("range")) {
             (Kind::Blob, Some(h)) => match h.parse::<ByteRange>() {
                 Ok(r) => Some(r),
+                // RFC 9110 §14.2: a Range that is not one valid byte range is ignored (the
+                // whole body, 200); only an unsatisfiable one gets a 416, further down.
                 Err(e) => {
-                    debug!(range = h, error = %e, "unsupported range");
-                    return Response::empty(416);
+                    debug!(range = h, error = %e, "ignoring unsupported range");
+                    None
                 }
             },
             _ => None,
@@ -132,16 +229,48 @@ impl Registry {
         // One store lookup per request; the descriptor found is what the response describes.
         let found = self.locate(&path).await;
         let (response, outcome) = if !from_peer && found.is_err() {
+            // Held until the forwarded body ends (see `Searching`).
+            let searching = match (path.kind, &found) {
+                (Kind::Blob, Err(Missing::Digest(digest))) => {
+                    Some(self.searching.enter(digest.clone()))
+                }
+                _ => None,
+            };
             let request = MirrorRequest {
                 path: path.clone(),
                 head,
                 range,
             };
-            (self.forward(request).await, Outcome::Forwarded)
+            let mut response = self.forward(request).await;
+            if let Some(guard) = searching {
+                response.body = match std::mem::replace(&mut response.body, Body::Empty) {
+                    Body::Stream { stream, len } => Body::Stream {
+                        stream: futures::StreamExt::boxed(futures::StreamExt::map(
+                            stream,
+                            move |chunk| {
+                                let _held = &guard;
+                                chunk
+                            },
+                        )),
+                        len,
+                    },
+                    other => other,
+                };
+            }
+            (response, Outcome::Forwarded)
         } else {
-            let response = match path.kind {
-                Kind::Manifest => self.manifest(&path, found, head).await,
-                Kind::Blob => self.blob(&path, found, head, range).await,
+            // Only a peer is served a blob still downloading: this node's own containerd asking
+            // for it would be asking for the bytes it is writing itself.
+            let in_progress = match (path.kind, &found) {
+                (Kind::Blob, Err(Missing::Digest(digest))) => {
+                    self.in_progress(&path, digest, head, range).await
+                }
+                _ => None,
+            };
+            let response = match (in_progress, path.kind) {
+                (Some(response), _) => response,
+                (None, Kind::Manifest) => self.manifest(&path, found, head).await,
+                (None, Kind::Blob) => self.blob(&path, found, head, range).await,
             };
             (response, Outcome::Served)
         };
@@ -201,6 +330,7 @@ impl Registry {
         } else {
             "miss"
         };
+        let registry = m.registry_labels.label(&registry);
         m.mirror_requests_total
             .with_label_values(&[registry.as_str(), cache])
             .inc();
@@ -294,11 +424,77 @@ impl Registry {
         }
         match self.body(&desc, content_range).await {
             Ok(body) => response.body(body),
+            Err(e) if e.is_busy() => {
+                debug!(%digest, error = %e, "blob stream refused");
+                Response::empty(503).header("Retry-After", "1")
+            }
             Err(e) => {
                 warn!(%digest, error = %e, "could not open blob");
                 unknown()
             }
         }
+    }
+
+    /// A blob containerd is downloading right now, served as it grows; `None` when it is not
+    /// being downloaded or its size is unknown (the caller answers 404).
+    async fn in_progress(
+        &self,
+        path: &DistributionPath,
+        digest: &Digest,
+        head: bool,
+        range: Option<ByteRange>,
+    ) -> Option<Response> {
+        let outcome = |o: &str| {
+            metrics::global()
+                .in_progress_requests
+                .with_label_values(&[o])
+                .inc()
+        };
+        if self.searching.contains(digest) {
+            outcome("searching");
+            return None;
+        }
+        let growing = match self.store.open_in_progress(digest).await {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                outcome("unavailable");
+                return None;
+            }
+            Err(e) => {
+                warn!(%digest, error = %e, "could not open blob in progress");
+                outcome("unavailable");
+                return None;
+            }
+        };
+        let size = growing.size;
+        let content_range = match range.map(|r| r.resolve(size)).transpose() {
+            Ok(cr) => cr,
+            Err(_) => return Some(range_not_satisfiable(size)),
+        };
+        outcome("served");
+        // The media type of an ingest is not recorded; containerd does not check a blob's.
+        let response = content_response(ContentHead {
+            kind: Kind::Blob,
+            media_type: crate::oci::OCTET_STREAM,
+            size,
+            digest: &digest.to_string(),
+            namespace: &path.reference.registry,
+            range: content_range,
+        });
+        if head {
+            return Some(response);
+        }
+        let (offset, len) = content_range.map_or((0, size), |r| (r.start, r.len()));
+        debug!(%digest, offset, len, "serving blob in progress");
+        Some(response.body(Body::Growing {
+            file: growing.file,
+            offset,
+            len,
+            growth: Box::new(CountedGrowth {
+                inner: growing.growth,
+                end: offset + len,
+            }),
+        }))
     }
 
     /// The body for `range` (or everything) of the content `desc` describes.

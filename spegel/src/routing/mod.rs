@@ -71,6 +71,19 @@ pub trait RouterView: Send + Sync + 'static {
     fn peers(&self) -> Vec<(String, Vec<String>)>;
 }
 
+/// The routing key under which a node provides a blob it is still downloading (`digest` as
+/// `sha256:<hex>`): its own namespace, so a lookup tells complete providers from in-progress ones.
+pub fn in_progress_key(digest: &str) -> String {
+    format!("in-progress/{digest}")
+}
+
+/// The routing key under which a node announces, for a short while, that it missed a blob
+/// (`digest` as `sha256:<hex>`) and is about to fetch it: nodes that miss it at the same time
+/// elect one fetcher among these providers instead of all going upstream.
+pub fn intent_key(digest: &str) -> String {
+    format!("intent/{digest}")
+}
+
 /// The DHT key of a routing key string: the sha2-256 multihash of its UTF-8 bytes, as the
 /// original's CIDv1 (raw) keys carry it (§3.2).
 pub fn multihash_key(key: &str) -> Vec<u8> {

@@ -154,6 +154,15 @@ fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
+/// Whether a peer's address `ip` can be dialled from another host: not unspecified, not
+/// loopback (unless the whole cluster is on loopback), and not IPv6 link-local, which needs the
+/// zone of an interface that a peer's listen address does not carry (every fetch tried it first
+/// and failed).
+fn dialable(ip: IpAddr, loopback_only: bool) -> bool {
+    let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+    !ip.is_unspecified() && !link_local && (loopback_only || !ip.is_loopback())
+}
+
 fn registry_port_of(agent_version: &str) -> Option<u16> {
     agent_version
         .split_whitespace()
@@ -672,7 +681,33 @@ impl EventLoop {
             .map(|b| b.num_entries())
             .sum();
         let connected = self.swarm.connected_peers().next().is_some();
-        self.ready.store(table > 0 && connected, Ordering::Relaxed);
+        let ready = table > 0 && connected;
+        let was_ready = self.ready.swap(ready, Ordering::Relaxed);
+        if ready && !was_ready {
+            self.provide_again();
+        }
+    }
+
+    /// Queues every key this node provides for a fresh provide query. Keys provided while the
+    /// node had no peer (the first node of a cluster advertises before anyone else is up) were
+    /// stored only locally: without this, the others could find them only by asking this node,
+    /// and only from the next re-provide on were the records where lookups look first.
+    fn provide_again(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let keys: Vec<RecordKey> =
+            kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
+                .filter(|r| r.provider == local && !self.queued.contains(&r.key))
+                .map(|r| r.key.clone())
+                .collect();
+        if !keys.is_empty() {
+            debug!(
+                keys = keys.len(),
+                "connected to the cluster: providing every key again"
+            );
+        }
+        for key in keys {
+            self.enqueue(key);
+        }
     }
 
     fn refresh_shared(&mut self) {
@@ -696,8 +731,7 @@ impl EventLoop {
 
     fn remember(&mut self, peer: PeerId, addr: &Multiaddr) {
         if let Some(ip) = ip_of(addr)
-            && !ip.is_unspecified()
-            && (self.loopback_only || !ip.is_loopback())
+            && dialable(ip, self.loopback_only)
         {
             self.peers.entry(peer).or_default().ips.insert(ip);
         }
@@ -754,7 +788,7 @@ impl EventLoop {
                 let mut addrs = vec![];
                 for addr in info.listen_addrs {
                     let Some(ip) = ip_of(&addr) else { continue };
-                    if ip.is_unspecified() || (!self.loopback_only && ip.is_loopback()) {
+                    if !dialable(ip, self.loopback_only) {
                         continue;
                     }
                     self.remember(peer_id, &addr);
@@ -1003,7 +1037,14 @@ impl EventLoop {
             for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
                 for entry in bucket.iter() {
                     if *entry.node.key.preimage() == provider {
-                        ips.extend(entry.node.value.iter().filter_map(ip_of));
+                        ips.extend(
+                            entry
+                                .node
+                                .value
+                                .iter()
+                                .filter_map(ip_of)
+                                .filter(|ip| dialable(*ip, self.loopback_only)),
+                        );
                     }
                 }
             }
@@ -1118,5 +1159,22 @@ impl EventLoop {
         for id in ids {
             self.maybe_close(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_another_host_can_dial_are_kept() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(dialable(ip("10.99.0.3"), false));
+        assert!(dialable(ip("2001:db8::1"), false));
+        assert!(!dialable(ip("fe80::2ccd:70ff:fee4:d285"), false));
+        assert!(!dialable(ip("fe80::1"), true));
+        assert!(!dialable(ip("0.0.0.0"), false));
+        assert!(!dialable(ip("127.0.0.1"), false));
+        assert!(dialable(ip("127.0.0.1"), true));
     }
 }

@@ -11,9 +11,9 @@ use std::{
 use async_trait::async_trait;
 use containerd_client::events::ContentDelete;
 use containerd_client::services::v1::{
-    GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
-    PluginsRequest, ReadContentRequest, SubscribeRequest, content_client::ContentClient,
-    events_client::EventsClient, images_client::ImagesClient,
+    AbortRequest, GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest,
+    ListImagesRequest, ListStatusesRequest, PluginsRequest, ReadContentRequest, SubscribeRequest,
+    content_client::ContentClient, events_client::EventsClient, images_client::ImagesClient,
     introspection_client::IntrospectionClient,
 };
 use futures::{StreamExt, stream::BoxStream};
@@ -36,6 +36,14 @@ const MEDIA_TYPE_CACHE_LIMIT: usize = 200_000;
 /// nothing next to a content API read, so that is re-done on every open instead.
 const CONTENT_ROOT_ASK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Content-API streams open at once; more get [`StoreError::Busy`] (503 + `Retry-After`).
+/// With [`STREAM_PIECE`] this bounds what the streams buffer in total to about 16 MiB.
+pub const MAX_CONTENT_STREAMS: usize = 64;
+/// Bytes asked of the content API per read: a stream holds at most one piece (containerd
+/// answers a read in messages of up to 1 MiB, and gRPC buffers a whole message), and the next
+/// piece is asked for only once the client took the previous one (flow control).
+pub const STREAM_PIECE: u64 = 256 << 10;
+
 /// Connection settings for [`ContainerdStore`].
 #[derive(Debug, Clone)]
 pub struct ContainerdStoreConfig {
@@ -57,6 +65,10 @@ pub struct ContainerdStore {
     /// How to find the root while it is not usable yet.
     probe: Mutex<RootProbe>,
     media_types: Mutex<HashMap<Digest, String>>,
+    /// One permit per open content-API stream.
+    streams: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How long a body served from an ingest waits for a writer that adds nothing.
+    ingest_stall: Duration,
 }
 
 /// Re-probing state for a content directory that was not usable at start: a fresh node's
@@ -73,6 +85,16 @@ struct RootProbe {
     warned: bool,
     /// Whether the startup probe is done, so a root found later is logged as it appears.
     started: bool,
+}
+
+/// Logs and counts a blob file that must not be served, and the error that answers it.
+fn reject(path: &Path, digest: &Digest, reason: &'static str) -> StoreError {
+    warn!(path = %path.display(), %digest, reason, "blob file is not a regular file, not serving it");
+    metrics::global()
+        .content_rejected
+        .with_label_values(&[reason])
+        .inc();
+    StoreError::Invalid(format!("{}: {reason}", path.display()))
 }
 
 fn status_to_error(what: &str, status: Status) -> StoreError {
@@ -108,6 +130,8 @@ impl ContainerdStore {
                 ..RootProbe::default()
             }),
             media_types: Mutex::default(),
+            streams: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTENT_STREAMS)),
+            ingest_stall: super::ingest::DEFAULT_STALL,
         };
         match store.probe_content_root().await {
             Some(root) => info!(path = %root.display(), "serving blobs from the content directory"),
@@ -198,6 +222,12 @@ impl ContainerdStore {
         }
     }
 
+    /// Sets how long a body served from an ingest waits for a writer that adds nothing.
+    pub fn with_ingest_stall(mut self, stall: Duration) -> Self {
+        self.ingest_stall = stall;
+        self
+    }
+
     /// The content directory blobs are read from, if usable.
     pub fn content_root(&self) -> Option<&Path> {
         self.content_root.get().map(PathBuf::as_path)
@@ -239,12 +269,19 @@ impl ContainerdStore {
         let path = self.blob_path(root, digest);
         let file = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            // O_NONBLOCK: opening a FIFO planted in place of a blob must not block the thread
+            // (it has no effect on regular files).
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound(digest.to_string()));
+            }
+            // A link in place of a blob: the content API would follow it and serve whatever
+            // it points at, so this digest is not served at all (containerd goes upstream).
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(reject(&path, digest, metrics::CONTENT_REJECTED_SYMLINK));
             }
             Err(e) => {
                 debug!(path = %path.display(), error = %e, "cannot open blob file, using the content API");
@@ -253,37 +290,101 @@ impl ContainerdStore {
         };
         let meta = file.metadata()?;
         if !meta.file_type().is_file() {
-            return Err(StoreError::Invalid(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            return Err(reject(&path, digest, metrics::CONTENT_REJECTED_NOT_REGULAR));
         }
         Ok(Some(file))
     }
 
+    /// Content-API streams open now.
+    pub fn open_streams(&self) -> usize {
+        MAX_CONTENT_STREAMS - self.streams.available_permits()
+    }
+
+    /// Size of present content, from the content API.
+    async fn content_size(&self, digest: &Digest) -> Result<u64, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let info = client
+            .info(self.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+            .map_err(|s| status_to_error(&digest.to_string(), s))?
+            .into_inner()
+            .info
+            .ok_or_else(|| StoreError::NotFound(digest.to_string()))?;
+        u64::try_from(info.size)
+            .map_err(|_| StoreError::Invalid(format!("{digest} has negative size {}", info.size)))
+    }
+
+    /// `range` (or everything) through the content API, one [`STREAM_PIECE`] at a time.
     async fn read_stream(
         &self,
         digest: &Digest,
         range: Option<ContentRange>,
     ) -> Result<BoxStream<'static, std::io::Result<bytes::Bytes>>, StoreError> {
-        let (offset, size) = range
-            .map(|r| (r.start as i64, r.len() as i64))
-            .unwrap_or((0, 0));
-        let mut client = ContentClient::new(self.channel.clone());
-        let req = self.request(ReadContentRequest {
+        let permit =
+            self.streams.clone().try_acquire_owned().map_err(|_| {
+                StoreError::Busy(format!("{MAX_CONTENT_STREAMS} content streams open"))
+            })?;
+        let (start, end) = match range {
+            Some(r) => (r.start, r.end + 1),
+            None => (0, self.content_size(digest).await?),
+        };
+        struct Cursor {
+            client: ContentClient<Channel>,
+            namespace: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+            digest: String,
+            offset: u64,
+            end: u64,
+            // Released when the stream is dropped, finished or not.
+            _permit: tokio::sync::OwnedSemaphorePermit,
+        }
+        let cursor = Cursor {
+            client: ContentClient::new(self.channel.clone()),
+            namespace: self.namespace.parse().ok(),
             digest: digest.to_string(),
-            offset,
-            size,
+            offset: start,
+            end,
+            _permit: permit,
+        };
+        let stream = futures::stream::try_unfold(cursor, |mut c| async move {
+            if c.offset >= c.end {
+                return Ok(None);
+            }
+            let want = (c.end - c.offset).min(STREAM_PIECE);
+            let mut req = Request::new(ReadContentRequest {
+                digest: c.digest.clone(),
+                offset: c.offset as i64,
+                size: want as i64,
+            });
+            if let Some(ns) = &c.namespace {
+                req.metadata_mut()
+                    .insert("containerd-namespace", ns.clone());
+            }
+            let mut messages = c
+                .client
+                .read(req)
+                .await
+                .map_err(|s| std::io::Error::other(s.message().to_string()))?
+                .into_inner();
+            let mut piece = bytes::BytesMut::with_capacity(want as usize);
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|s| std::io::Error::other(s.message().to_string()))?;
+                if piece.len() + m.data.len() > want as usize {
+                    return Err(std::io::Error::other("content API sent more than asked"));
+                }
+                piece.extend_from_slice(&m.data);
+            }
+            if piece.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "content ended early",
+                ));
+            }
+            c.offset += piece.len() as u64;
+            Ok(Some((piece.freeze(), c)))
         });
-        let stream = client
-            .read(req)
-            .await
-            .map_err(|s| status_to_error(&digest.to_string(), s))?
-            .into_inner();
-        Ok(Box::pin(stream.map(|item| {
-            item.map(|r| bytes::Bytes::from(r.data))
-                .map_err(|s| std::io::Error::other(s.message().to_string()))
-        })))
+        Ok(Box::pin(stream))
     }
 
     async fn media_type_for(&self, digest: &Digest, size: u64) -> Result<String, StoreError> {
@@ -418,6 +519,75 @@ impl Store for ContainerdStore {
         Ok(descriptors)
     }
 
+    async fn in_progress(&self) -> Result<Vec<super::Ingest>, StoreError> {
+        Ok(match self.probe_content_root().await {
+            Some(root) => super::ingest::scan(root),
+            None => Vec::new(),
+        })
+    }
+
+    async fn abort_ingests(
+        &self,
+        digest: &Digest,
+        started_before: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        let mut client = ContentClient::new(self.channel.clone());
+        let statuses = client
+            .list_statuses(self.request(ListStatusesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| status_to_error("ingests", s))?
+            .into_inner()
+            .statuses;
+        let limit = started_before
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let wanted = digest.to_string();
+        let mut aborted = 0;
+        for status in statuses {
+            let names = status.expected == wanted
+                || super::ingest::digest_of_ref(&status.r#ref).as_ref() == Some(digest);
+            let started = status.started_at.map(|t| {
+                Duration::new(
+                    u64::try_from(t.seconds).unwrap_or(0),
+                    u32::try_from(t.nanos).unwrap_or(0),
+                )
+            });
+            // A write begun after the mismatch is a fresh retry, not the poisoned one.
+            if !names || started.is_some_and(|t| t > limit) {
+                continue;
+            }
+            match client
+                .abort(self.request(AbortRequest {
+                    r#ref: status.r#ref.clone(),
+                }))
+                .await
+            {
+                Ok(_) => {
+                    warn!(%digest, reference = %status.r#ref, written = status.offset,
+                        "aborted a write that received bytes not matching the blob's digest");
+                    aborted += 1;
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(status_to_error(&status.r#ref, s)),
+            }
+        }
+        Ok(aborted)
+    }
+
+    async fn open_in_progress(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<super::GrowingFile>, StoreError> {
+        let Some(root) = self.probe_content_root().await else {
+            return Ok(None);
+        };
+        Ok(super::ingest::open_growing(
+            root,
+            digest,
+            self.ingest_stall,
+        )?)
+    }
+
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError> {
         let mut client = EventsClient::new(self.channel.clone());
         let req = SubscribeRequest {
@@ -473,6 +643,21 @@ impl Store for ContainerdStore {
 }
 
 #[cfg(test)]
+impl ContainerdStore {
+    /// A store over `content` whose socket (in `dir`) has no containerd behind it: the content
+    /// API fails, the directory does not.
+    pub(crate) async fn without_containerd(dir: &Path, content: &Path) -> ContainerdStore {
+        ContainerdStore::connect(ContainerdStoreConfig {
+            socket: dir.join("absent.sock").display().to_string(),
+            namespace: "k8s.io".into(),
+            content_path: content.display().to_string(),
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -488,13 +673,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("content");
         // No containerd behind the socket: the content API fails, the directory does not.
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: root.display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), &root).await;
         assert_eq!(store.content_root(), None);
         let data = b"layer bytes".to_vec();
         let digest = Digest::sha256_of(&data);
@@ -523,17 +702,52 @@ mod tests {
         );
     }
 
+    fn rejected(reason: &str) -> u64 {
+        metrics::global()
+            .content_rejected
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn links_and_special_files_in_place_of_blobs_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), dir.path()).await;
+        let same_size = dir.path().join("other");
+        std::fs::write(&same_size, b"other bytes").unwrap();
+        for (i, target) in [same_size.as_path(), Path::new("/etc/passwd")]
+            .into_iter()
+            .enumerate()
+        {
+            let digest = Digest::sha256_of(format!("layer {i}").as_bytes());
+            std::os::unix::fs::symlink(target, blobs.join(digest.hex())).unwrap();
+            let before = rejected(metrics::CONTENT_REJECTED_SYMLINK);
+            // Not Unavailable: the content API (which follows links) is never asked.
+            match store.open(&digest, None).await {
+                Err(StoreError::Invalid(_)) => {}
+                other => panic!("a link must be refused, got {other:?}"),
+            }
+            assert_eq!(rejected(metrics::CONTENT_REJECTED_SYMLINK), before + 1);
+        }
+        let fifo = Digest::sha256_of(b"fifo");
+        let path =
+            std::ffi::CString::new(blobs.join(fifo.hex()).as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let before = rejected(metrics::CONTENT_REJECTED_NOT_REGULAR);
+        let opened = tokio::time::timeout(Duration::from_secs(10), store.open(&fifo, None))
+            .await
+            .expect("opening a FIFO must not block");
+        assert!(matches!(opened, Err(StoreError::Invalid(_))), "{opened:?}");
+        assert_eq!(rejected(metrics::CONTENT_REJECTED_NOT_REGULAR), before + 1);
+    }
+
     #[tokio::test]
     async fn content_directory_that_is_a_file_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("blobs"), b"not a directory").unwrap();
-        let store = ContainerdStore::connect(ContainerdStoreConfig {
-            socket: dir.path().join("absent.sock").display().to_string(),
-            namespace: "k8s.io".into(),
-            content_path: dir.path().display().to_string(),
-        })
-        .await
-        .unwrap();
+        let store = ContainerdStore::without_containerd(dir.path(), dir.path()).await;
         let digest = Digest::sha256_of(b"x");
         assert!(store.open(&digest, None).await.is_err());
         assert_eq!(store.content_root(), None);

@@ -56,6 +56,13 @@ impl MemoryStore {
     pub fn add_blob(&self, media_type: &str, data: impl Into<Bytes>) -> Digest {
         let data = data.into();
         let digest = Digest::sha256_of(&data);
+        self.add_blob_as(&digest, media_type, data);
+        digest
+    }
+
+    /// Adds `data` under `digest` whether or not it hashes to it (a corrupt copy, for tests).
+    pub fn add_blob_as(&self, digest: &Digest, media_type: &str, data: impl Into<Bytes>) {
+        let data = data.into();
         if let Some(dir) = &self.files {
             let path = dir
                 .join("blobs")
@@ -69,7 +76,6 @@ impl MemoryStore {
         self.lock()
             .blobs
             .insert(digest.clone(), (media_type.to_string(), data));
-        digest
     }
 
     /// Removes content.

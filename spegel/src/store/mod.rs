@@ -1,6 +1,8 @@
 //! The node's image content: what containerd holds, behind the [`Store`] trait.
 
 mod containerd;
+pub mod ingest;
+pub mod integrity;
 mod memory;
 
 use std::io;
@@ -11,7 +13,12 @@ use futures::stream::BoxStream;
 
 use crate::oci::{ContentRange, Digest, Reference};
 
-pub use containerd::{ContainerdStore, ContainerdStoreConfig};
+pub use containerd::{ContainerdStore, ContainerdStoreConfig, MAX_CONTENT_STREAMS, STREAM_PIECE};
+pub use ingest::{GrowingFile, Ingest};
+pub use integrity::{
+    CheckedStore, DEFAULT_VERIFY_BYTES_PER_SECOND, Integrity, MISMATCH_REPORT_PATH, Trigger,
+    Verdict, abort_poisoned_ingests,
+};
 pub use memory::MemoryStore;
 
 /// Size and media type of one piece of content.
@@ -82,6 +89,9 @@ pub enum StoreError {
     /// containerd could not be reached (not running, restarting).
     #[error("containerd unavailable: {0}")]
     Unavailable(String),
+    /// Too many content streams are open; the request may be retried shortly.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Content exists but is unusable (e.g. a file that is not a regular file).
     #[error("invalid content: {0}")]
     Invalid(String),
@@ -94,6 +104,11 @@ impl StoreError {
     /// Whether this error means the content simply is not here.
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound(_))
+    }
+
+    /// Whether the store refused for lack of capacity (answer 503 with `Retry-After`).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
     }
 
     /// Whether the backend could not be reached, so nothing can be concluded about content.
@@ -131,6 +146,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// Image events from now on; the stream ends when the backend's event stream breaks.
     async fn subscribe(&self) -> Result<BoxStream<'static, ImageEvent>, StoreError>;
+
+    /// Blobs being written into the store right now (pulls in progress).
+    async fn in_progress(&self) -> Result<Vec<Ingest>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Opens a blob that is being written, to serve it while it grows; `None` when it is not
+    /// being written or its final size is unknown.
+    async fn open_in_progress(&self, _digest: &Digest) -> Result<Option<GrowingFile>, StoreError> {
+        Ok(None)
+    }
+
+    /// Aborts the writes of blob `digest` into the store that started before `started_before`
+    /// (they received bytes that do not match it, and would poison every retry that resumes
+    /// them); returns how many were aborted.
+    async fn abort_ingests(
+        &self,
+        _digest: &Digest,
+        _started_before: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Children of a manifest or index, parsed from its JSON: `(digest, media type, size)`.

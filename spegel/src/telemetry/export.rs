@@ -120,6 +120,14 @@ pub fn multiaddr_socket_addr(addr: &str) -> Option<SocketAddr> {
     }
 }
 
+/// The socket address of a peer as the router lists it: a multiaddr, or a bare IP (what
+/// [`RouterView::peers`](crate::routing::RouterView::peers) reports), then at `port` (the
+/// router port, the same on every node of a cluster).
+pub fn peer_socket_addr(addr: &str, port: u16) -> Option<SocketAddr> {
+    multiaddr_socket_addr(addr)
+        .or_else(|| Some(SocketAddr::new(addr.parse::<IpAddr>().ok()?, port)))
+}
+
 /// Upkeep every `every`: probes known peers not measured lately (when `probe` is set, i.e.
 /// without kernel telemetry) and exports the per-peer metrics. Runs until aborted.
 pub async fn maintain(
@@ -176,6 +184,19 @@ mod tests {
             multiaddr_socket_addr("/ip6/fd00::2/tcp/5001"),
             "[fd00::2]:5001".parse().ok()
         );
+        assert_eq!(
+            peer_socket_addr("10.0.0.3", 5001),
+            "10.0.0.3:5001".parse().ok()
+        );
+        assert_eq!(
+            peer_socket_addr("/ip4/10.0.0.2/tcp/6001", 5001),
+            "10.0.0.2:6001".parse().ok()
+        );
+        assert_eq!(
+            peer_socket_addr("fd00::2", 5001),
+            "[fd00::2]:5001".parse().ok()
+        );
+        assert_eq!(peer_socket_addr("node-2", 5001), None);
         for bad in [
             "",
             "/dns4/x/tcp/1",

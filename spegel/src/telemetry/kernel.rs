@@ -85,6 +85,13 @@ fn stats_of(r: &PeerRecord) -> PeerNetStats {
     }
 }
 
+impl Drop for KernelTelemetry {
+    /// Also on a start that failed after the probes loaded, so no empty cgroup is left.
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl NetTelemetry for KernelTelemetry {
     fn peer(&self, ip: IpAddr) -> Option<PeerNetStats> {
         self.snapshot().get(&canonical(ip)).copied()

@@ -23,7 +23,9 @@ pub use activation::{
     Activation, EbpfMode, PeerSelection, TelemetryError, choose_selection, decide,
 };
 pub use connector::{TrackedStream, TrackingConnector};
-pub use export::{MAX_PEER_LABELS, PeerMetricsExporter, maintain, multiaddr_socket_addr};
+pub use export::{
+    MAX_PEER_LABELS, PeerMetricsExporter, maintain, multiaddr_socket_addr, peer_socket_addr,
+};
 pub use kernel::KernelTelemetry;
 pub use tcp_info::{TcpInfoSample, tcp_info};
 pub use timeouts::{AdaptiveTimeouts, adapt, quantile};

@@ -79,14 +79,15 @@ fn image_rows(view: &dyn AdvertisedView) -> Vec<ImageRow> {
 }
 
 /// Connected peers as the selector sees them (IDs and addresses), to ask which it prefers.
-fn peers_of(node: &dyn RouterView) -> Vec<Peer> {
+/// The router lists peers by bare IP: their registries listen on `port`, as this node's does.
+fn peers_of(node: &dyn RouterView, port: u16) -> Vec<Peer> {
     node.peers()
         .into_iter()
         .map(|(id, addrs)| Peer {
             id,
             addrs: addrs
                 .iter()
-                .filter_map(|a| crate::telemetry::multiaddr_socket_addr(a))
+                .filter_map(|a| crate::telemetry::peer_socket_addr(a, port))
                 .collect(),
         })
         .collect()
@@ -197,7 +198,7 @@ impl AdminUi {
 
     /// Everything `/visualize` shows at load; later changes come over the event stream.
     pub fn state(&self) -> serde_json::Value {
-        let peers = peers_of(self.sources.node.as_ref());
+        let peers = peers_of(self.sources.node.as_ref(), self.config.registry.port());
         let recent = self.sources.activity.recent();
         let events: Vec<&crate::activity::Event> = recent.iter().map(|e| &**e).collect();
         serde_json::json!({
@@ -218,6 +219,7 @@ impl AdminUi {
             node: self.sources.node.as_ref(),
             selector: self.sources.selector.as_ref(),
             activity: &self.sources.activity,
+            port: self.config.registry.port(),
         }
         .json()["peers"]
             .take()
@@ -242,6 +244,7 @@ impl AdminUi {
             node: self.sources.node.clone(),
             selector: self.sources.selector.clone(),
             activity: self.sources.activity.clone(),
+            port: self.config.registry.port(),
         };
         response.body(Body::Unbounded(sse::stream(
             subscription,
@@ -294,6 +297,7 @@ struct PeersSnapshot {
     node: Arc<dyn RouterView>,
     selector: Arc<dyn SelectorStats>,
     activity: Activity,
+    port: u16,
 }
 
 impl PeersSnapshot {
@@ -302,6 +306,7 @@ impl PeersSnapshot {
             node: self.node.as_ref(),
             selector: self.selector.as_ref(),
             activity: &self.activity,
+            port: self.port,
         }
         .json()
     }
@@ -311,6 +316,7 @@ struct PeerTable<'a> {
     node: &'a dyn RouterView,
     selector: &'a dyn SelectorStats,
     activity: &'a Activity,
+    port: u16,
 }
 
 impl PeerTable<'_> {
@@ -318,7 +324,7 @@ impl PeerTable<'_> {
         let peers = self.node.peers();
         let stats = self.selector.peer_stats();
         let totals = self.activity.peer_totals();
-        let preferred = self.selector.preferred(&peers_of(self.node));
+        let preferred = self.selector.preferred(&peers_of(self.node, self.port));
         let rows: Vec<serde_json::Value> = peers
             .iter()
             .map(|(id, addrs)| {

@@ -188,7 +188,7 @@
       tr.appendChild(el('td', { class: 'o-' + e.outcome }, e.outcome));
       tr.appendChild(el('td', null, fmtBytes(e.bytes)));
       tr.appendChild(el('td', null, fmtMs(e.duration_ms)));
-      tr.appendChild(el('td', null, [e.hedged ? 'hedged' : '', e.resumed ? 'resumed' : ''].filter(Boolean).join(' ')));
+      tr.appendChild(el('td', null, [e.hedged ? 'hedged' : '', e.resumed ? 'resumed' : '', e.waited_ms > 0 ? 'waited ' + Math.round(e.waited_ms) + ' ms' : ''].filter(Boolean).join(' ')));
       body.appendChild(tr);
     }
     $('feed-count').textContent = String(events.length);
