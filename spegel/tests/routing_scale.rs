@@ -1,5 +1,5 @@
-//! Routing at scale, small enough for CI on two cores: 60 in-process routers (the real libp2p
-//! router, three times the replication factor, so lookups need the DHT) on loopback,
+//! Routing at scale, small enough for CI on two cores: 100 in-process routers (the real libp2p
+//! router, five times the replication factor, so lookups need the DHT) on loopback,
 //! bootstrapped from three live peers each. Asserts 100 % lookup success for live providers,
 //! no leaver returned after a graceful leave, no crashed node returned once its (short) TTL has
 //! passed, and every key still found after the first records expired (re-provided).
@@ -10,9 +10,13 @@ use std::{collections::HashSet, time::Duration};
 use bench::routing::{Sim, SimConfig};
 use spegel::routing::Router as _;
 
+/// The tests run one at a time: each cluster alone keeps both cores busy.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_routers() {
-    const NODES: usize = 60;
+async fn hundred_routers() {
+    let _serial = SERIAL.lock().await;
+    const NODES: usize = 100;
     let mut config = SimConfig::bench(NODES);
     // Light key sets keep CI fast; the benchmark runs 300 keys per node. The TTL is short enough
     // to cross it twice, long enough that re-providing (at half of it) does not swamp 2 cores.
@@ -77,6 +81,7 @@ async fn sixty_routers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_cluster_answers_from_the_local_store() {
+    let _serial = SERIAL.lock().await;
     let mut config = SimConfig::bench(12);
     config.images_per_node = 3;
     config.pool_images = 6;

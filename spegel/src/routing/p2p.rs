@@ -37,8 +37,12 @@ use super::{
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
 /// Notices between spegel nodes: withdrawn keys and graceful leave.
 pub const NOTICE_PROTOCOL: &str = "/spegel/notice/1.0.0";
-/// Provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
+/// Most provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
 const MAX_PROVIDE_QUERIES: usize = 64;
+/// Provide queries run at once after a start or a failure: the window grows by one per
+/// completed provide and halves on a timed-out one, so an overloaded cluster is not pushed into
+/// a storm of retries (each timed-out provide used to be retried at the same rate).
+const INITIAL_PROVIDE_WINDOW: usize = 8;
 /// Keys per withdraw or provide notice.
 const WITHDRAW_CHUNK: usize = 1000;
 /// Kademlia's replication factor: a provide query stores the record on this many closest
@@ -270,6 +274,7 @@ impl P2pRouter {
             refresh: VecDeque::new(),
             retry: VecDeque::new(),
             provides: HashSet::new(),
+            provide_window: INITIAL_PROVIDE_WINDOW,
             ready,
             shared,
             registry_port: config.registry_port,
@@ -456,6 +461,8 @@ struct EventLoop {
     /// Provides that failed, run again after [`EventLoop::retry_delay`], oldest first.
     retry: VecDeque<(Instant, RecordKey)>,
     provides: HashSet<QueryId>,
+    /// Provide queries allowed at once (see [`INITIAL_PROVIDE_WINDOW`]).
+    provide_window: usize,
     ready: Arc<AtomicBool>,
     shared: Arc<Mutex<Shared>>,
     registry_port: u16,
@@ -658,7 +665,7 @@ impl EventLoop {
         {
             return;
         }
-        while self.provides.len() < MAX_PROVIDE_QUERIES {
+        while self.provides.len() < self.provide_window {
             let Some(key) = self.provide_queue.pop_front() else {
                 break;
             };
@@ -831,8 +838,13 @@ impl EventLoop {
                         self.provides.remove(&id);
                         let now = Instant::now();
                         match result {
-                            Ok(ok) => self.refresh.push_back((now + self.ttl / 2, ok.key)),
+                            Ok(ok) => {
+                                self.provide_window =
+                                    (self.provide_window + 1).min(MAX_PROVIDE_QUERIES);
+                                self.refresh.push_back((now + self.ttl / 2, ok.key));
+                            }
                             Err(e) => {
+                                self.provide_window = (self.provide_window / 2).max(1);
                                 // A timed-out provide stored the record nowhere: run it again.
                                 debug!(error = %e, "provide query incomplete, retrying");
                                 let key = e.key().clone();
