@@ -17,6 +17,7 @@ pub mod process;
 pub mod pull;
 pub mod registry;
 pub mod relay;
+pub mod routing;
 pub mod serve;
 pub mod soak;
 pub mod stats;

@@ -128,6 +128,31 @@ enum Bench {
         #[arg(long, default_value = "target/bench/p2p")]
         output: PathBuf,
     },
+    /// Routing at scale: in-process routers on loopback (convergence, lookups, leave, crash,
+    /// churn) at each size, every size in its own process (so memory figures stay apart).
+    Routing {
+        /// Cluster sizes; the last one gets the full table, all of them the growth table.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,300")]
+        sizes: Vec<usize>,
+        /// Images per node (10 keys each).
+        #[arg(long, default_value_t = 30)]
+        images: usize,
+        /// Provider record TTL, seconds.
+        #[arg(long, default_value_t = 120)]
+        ttl_s: u64,
+        /// Steady-state window, seconds.
+        #[arg(long, default_value_t = 60)]
+        window_s: u64,
+        /// Churn phase, seconds (10 % of the nodes replaced per minute).
+        #[arg(long, default_value_t = 60)]
+        churn_s: u64,
+        /// Where results (JSON, Markdown) are written.
+        #[arg(long, default_value = "target/bench/routing")]
+        output: PathBuf,
+        /// Run one size in this process and write its JSON report here (used internally).
+        #[arg(long, hide = true)]
+        one: Option<PathBuf>,
+    },
     /// The original's cluster benchmark: every node pulls a new image at once ("create"), then a
     /// rolling update in 20 % batches ("update"), with no mirror, with spegel and with a central
     /// pull-through cache; the upstream link is shaped with tc.
@@ -231,6 +256,60 @@ chart: {}",
                 md.display(),
                 svg.display()
             );
+        }
+        Bench::Routing {
+            sizes,
+            images,
+            ttl_s,
+            window_s,
+            churn_s,
+            output,
+            one,
+        } => {
+            let config = |nodes: usize| {
+                let mut c = bench::routing::SimConfig::bench(nodes);
+                c.images_per_node = images.max(1);
+                c.ttl = Duration::from_secs(ttl_s.max(2));
+                c.window = Duration::from_secs(window_s);
+                c.churn = Duration::from_secs(churn_s);
+                c
+            };
+            if let Some(path) = one {
+                let nodes = *sizes.first().ok_or_else(|| anyhow::anyhow!("no size"))?;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                let report = runtime.block_on(bench::routing::run(config(nodes)))?;
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+                return Ok(());
+            }
+            std::fs::create_dir_all(&output)?;
+            let mut reports = vec![];
+            for nodes in sizes {
+                eprintln!("== {nodes} routers");
+                let path = output.join(format!("routing-{nodes}.json"));
+                let status = std::process::Command::new(std::env::current_exe()?)
+                    .args(["routing", "--sizes", &nodes.to_string()])
+                    .args([
+                        "--images",
+                        &images.to_string(),
+                        "--ttl-s",
+                        &ttl_s.to_string(),
+                    ])
+                    .args(["--window-s", &window_s.to_string()])
+                    .args(["--churn-s", &churn_s.to_string()])
+                    .arg("--one")
+                    .arg(&path)
+                    .status()?;
+                anyhow::ensure!(status.success(), "{nodes} routers: {status}");
+                let report: bench::routing::SimReport =
+                    serde_json::from_slice(&std::fs::read(&path)?)?;
+                reports.push(report);
+            }
+            let table = bench::routing::table(&reports);
+            std::fs::write(output.join("routing.md"), &table)?;
+            println!("{table}");
         }
         Bench::Load {
             clients,

@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -37,10 +37,21 @@ use super::{
 pub const KAD_PROTOCOL: &str = "/spegel/kad/1.0.0";
 /// Notices between spegel nodes: withdrawn keys and graceful leave.
 pub const NOTICE_PROTOCOL: &str = "/spegel/notice/1.0.0";
-/// Provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
+/// Most provide queries run at once; the rest queue, so 50,000 keys don't start 50,000 queries.
 const MAX_PROVIDE_QUERIES: usize = 64;
-/// Keys per withdraw notice.
+/// Provide queries run at once after a start or a failure: the window grows by one per
+/// completed provide and halves on a timed-out one, so an overloaded cluster is not pushed into
+/// a storm of retries (each timed-out provide used to be retried at the same rate).
+const INITIAL_PROVIDE_WINDOW: usize = 8;
+/// Keys per withdraw or provide notice.
 const WITHDRAW_CHUNK: usize = 1000;
+/// Kademlia's replication factor: a provide query stores the record on this many closest
+/// nodes, so a cluster of at most this many nodes holds every record on every node.
+const REPLICATION: usize = 20;
+/// How long a lookup waits for a provider it had to dial before giving up on it.
+const DIAL_WAIT: Duration = Duration::from_secs(3);
+/// Longest wait before a provide query that failed (timed out) is run again.
+const PROVIDE_RETRY: Duration = Duration::from_secs(5);
 
 /// Router settings.
 #[derive(Debug, Clone)]
@@ -64,6 +75,14 @@ enum Notice {
     Withdraw(Vec<Vec<u8>>),
     /// The sender is shutting down.
     Leave,
+    /// The sender provides these DHT keys (small clusters replicate every record to every
+    /// node this way); `last` ends a full sync of everything the sender provides.
+    Provide {
+        /// DHT keys.
+        keys: Vec<Vec<u8>>,
+        /// This chunk completes a full sync.
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -101,6 +120,20 @@ pub struct P2pRouter {
 struct Shared {
     listen: Vec<Multiaddr>,
     peers: Vec<(String, Vec<String>)>,
+    stats: RouterStats,
+}
+
+/// Counters of one router's work, for benchmarks and the debug UI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Kademlia requests this node answered (each DHT message is answered once).
+    pub kad_requests: u64,
+    /// Notices (withdraw, leave, provide) this node received.
+    pub notices: u64,
+    /// Lookups answered from the local record store without a DHT query.
+    pub local_answers: u64,
+    /// Lookups that ran a DHT query.
+    pub dht_queries: u64,
 }
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
@@ -167,7 +200,10 @@ impl P2pRouter {
                 kad_config
                     .set_query_timeout(Duration::from_secs(5))
                     .set_provider_record_ttl(Some(ttl))
-                    .set_provider_publication_interval(Some(ttl / 2))
+                    // Re-provides go through our own queue instead (`due_provides`): Kademlia's
+                    // job starts every key at once, skips them when 100 queries run, and never
+                    // retries one that timed out, so under load records expired unrefreshed.
+                    .set_provider_publication_interval(None)
                     .set_record_ttl(Some(ttl))
                     .set_parallelism(NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN));
                 let store = MemoryStore::with_config(
@@ -227,15 +263,24 @@ impl P2pRouter {
             swarm,
             commands: rx,
             lookups: HashMap::new(),
+            queries: HashMap::new(),
+            next_lookup: 0,
+            ttl,
             peers: HashMap::new(),
             departed: HashSet::new(),
             provide_queue: VecDeque::new(),
+            queued: HashSet::new(),
+            advertised: HashSet::new(),
+            refresh: VecDeque::new(),
+            retry: VecDeque::new(),
             provides: HashSet::new(),
+            provide_window: INITIAL_PROVIDE_WINDOW,
             ready,
             shared,
             registry_port: config.registry_port,
             loopback_only,
             leaving: None,
+            bootstrapped: false,
         };
         let handle = tokio::spawn(event_loop.run());
         if let Some(bootstrapper) = config.bootstrap {
@@ -268,6 +313,11 @@ impl P2pRouter {
             .unwrap_or_else(|e| e.into_inner())
             .peers
             .clone()
+    }
+
+    /// Work counters since start.
+    pub fn stats(&self) -> RouterStats {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats
     }
 
     /// Tells peers this node is leaving (so they stop routing to it at once), then stops.
@@ -364,12 +414,25 @@ struct Lookup {
     tx: mpsc::Sender<Peer>,
     remaining: usize,
     seen: HashSet<PeerId>,
+    /// The DHT query still running for this lookup.
+    query: Option<QueryId>,
+    /// Providers being dialed (or identified) before they are handed out, since when.
+    pending: HashMap<PeerId, Instant>,
 }
 
 #[derive(Default)]
 struct PeerInfo {
     ips: BTreeSet<IpAddr>,
     registry_port: Option<u16>,
+    /// Addresses from identify, kept for provider records received by notice.
+    addrs: Vec<Multiaddr>,
+    /// Identify ran on the current connection.
+    identified: bool,
+    /// A full provide sync from this peer arrived on the current connection.
+    synced: bool,
+    /// We sent this peer a full sync on the current connection (so we push it every new
+    /// advertisement).
+    sent_sync: bool,
 }
 
 struct Leaving {
@@ -381,23 +444,45 @@ struct Leaving {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    lookups: HashMap<QueryId, Lookup>,
+    lookups: HashMap<u64, Lookup>,
+    queries: HashMap<QueryId, u64>,
+    next_lookup: u64,
+    ttl: Duration,
     peers: HashMap<PeerId, PeerInfo>,
     departed: HashSet<PeerId>,
+    /// Keys waiting for a provide query (at most [`MAX_PROVIDE_QUERIES`] run at once).
     provide_queue: VecDeque<RecordKey>,
+    /// The keys in `provide_queue`, so a key is queued once.
+    queued: HashSet<RecordKey>,
+    /// Every key this node advertises now.
+    advertised: HashSet<RecordKey>,
+    /// Re-provide at half the TTL after each successful provide, oldest first.
+    refresh: VecDeque<(Instant, RecordKey)>,
+    /// Provides that failed, run again after [`EventLoop::retry_delay`], oldest first.
+    retry: VecDeque<(Instant, RecordKey)>,
     provides: HashSet<QueryId>,
+    /// Provide queries allowed at once (see [`INITIAL_PROVIDE_WINDOW`]).
+    provide_window: usize,
     ready: Arc<AtomicBool>,
     shared: Arc<Mutex<Shared>>,
     registry_port: u16,
     loopback_only: bool,
     leaving: Option<Leaving>,
+    /// A Kademlia bootstrap (self-lookup) finished: a small cluster's nodes are all known.
+    bootstrapped: bool,
 }
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let leave_deadline = self.leaving.as_ref().map(|l| l.deadline);
             tokio::select! {
+                _ = tick.tick() => {
+                    self.expire_pending();
+                    self.due_provides();
+                }
                 command = self.commands.recv(), if self.leaving.is_none() => match command {
                     Some(c) => self.command(c),
                     // Every handle is gone: nothing can use the router any more.
@@ -422,9 +507,35 @@ impl EventLoop {
     fn command(&mut self, command: Command) {
         match command {
             Command::Advertise(keys, reply) => {
-                for key in keys {
-                    self.provide_queue
-                        .push_back(RecordKey::new(&multihash_key(&key)));
+                let record_keys: Vec<RecordKey> = keys
+                    .iter()
+                    .map(|k| RecordKey::new(&multihash_key(k)))
+                    .collect();
+                {
+                    // Peers we sent a full sync answer lookups from their store: every later
+                    // advertisement must reach them directly, whatever the cluster size now.
+                    let peers: Vec<PeerId> = self
+                        .peers
+                        .iter()
+                        .filter(|(p, i)| i.sent_sync && self.swarm.is_connected(p))
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
+                        let notice = Notice::Provide {
+                            keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                            last: false,
+                        };
+                        for peer in &peers {
+                            self.swarm
+                                .behaviour_mut()
+                                .notice
+                                .send_request(peer, notice.clone());
+                        }
+                    }
+                }
+                for key in record_keys {
+                    self.advertised.insert(key.clone());
+                    self.enqueue(key);
                 }
                 let _ = reply.send(());
             }
@@ -436,6 +547,8 @@ impl EventLoop {
                 let withdrawn: HashSet<&RecordKey> = record_keys.iter().collect();
                 self.provide_queue.retain(|k| !withdrawn.contains(k));
                 for key in &record_keys {
+                    self.queued.remove(key);
+                    self.advertised.remove(key);
                     self.swarm.behaviour_mut().kad.stop_providing(key);
                 }
                 // Peers that stored our records drop them now rather than at expiry.
@@ -452,21 +565,46 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::Lookup { key, count, reply } => {
-                let (tx, rx) = mpsc::channel(count);
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(RecordKey::new(&multihash_key(&key)));
+                let record_key = RecordKey::new(&multihash_key(&key));
+                let (tx, rx) = mpsc::channel(count.max(1));
+                let id = self.next_lookup;
+                self.next_lookup += 1;
                 self.lookups.insert(
                     id,
                     Lookup {
                         tx,
-                        remaining: count,
+                        remaining: count.max(1),
                         seen: HashSet::new(),
+                        query: None,
+                        pending: HashMap::new(),
                     },
                 );
                 let _ = reply.send(rx);
+                let now = std::time::Instant::now();
+                let local: Vec<PeerId> = kad::store::RecordStore::providers(
+                    self.swarm.behaviour_mut().kad.store_mut(),
+                    &record_key,
+                )
+                .into_iter()
+                .filter(|r| !r.is_expired(now))
+                .map(|r| r.provider)
+                .collect();
+                let authoritative = self.authoritative();
+                self.offer(id, local, true);
+                // Counted even when the local providers already ended the lookup.
+                if authoritative {
+                    self.stat(|s| s.local_answers += 1);
+                } else if self.lookups.contains_key(&id) {
+                    {
+                        let query = self.swarm.behaviour_mut().kad.get_providers(record_key);
+                        self.queries.insert(query, id);
+                        if let Some(l) = self.lookups.get_mut(&id) {
+                            l.query = Some(query);
+                        }
+                        self.stat(|s| s.dht_queries += 1);
+                    }
+                }
+                self.maybe_close(id);
             }
             Command::Dial(addrs) => {
                 let own: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
@@ -514,10 +652,24 @@ impl EventLoop {
     }
 
     fn pump_provides(&mut self) {
-        while self.provides.len() < MAX_PROVIDE_QUERIES {
+        // A provide query with an empty routing table stores the record only here and is not
+        // retried before the next republish (half the TTL): keys advertised before bootstrap
+        // wait in the queue instead.
+        if self.provide_queue.is_empty()
+            || self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .kbuckets()
+                .all(|b| b.num_entries() == 0)
+        {
+            return;
+        }
+        while self.provides.len() < self.provide_window {
             let Some(key) = self.provide_queue.pop_front() else {
                 break;
             };
+            self.queued.remove(&key);
             match self.swarm.behaviour_mut().kad.start_providing(key) {
                 Ok(id) => {
                     self.provides.insert(id);
@@ -548,11 +700,10 @@ impl EventLoop {
     /// stored only locally: without this, the others could find them only by asking this node,
     /// and only from the next re-provide on were the records where lookups look first.
     fn provide_again(&mut self) {
-        let queued: HashSet<RecordKey> = self.provide_queue.iter().cloned().collect();
         let local = *self.swarm.local_peer_id();
         let keys: Vec<RecordKey> =
             kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
-                .filter(|r| r.provider == local && !queued.contains(&r.key))
+                .filter(|r| r.provider == local && !self.queued.contains(&r.key))
                 .map(|r| r.key.clone())
                 .collect();
         if !keys.is_empty() {
@@ -561,7 +712,9 @@ impl EventLoop {
                 "connected to the cluster: providing every key again"
             );
         }
-        self.provide_queue.extend(keys);
+        for key in keys {
+            self.enqueue(key);
+        }
     }
 
     fn refresh_shared(&mut self) {
@@ -610,13 +763,28 @@ impl EventLoop {
                 self.refresh_shared();
             }
             SwarmEvent::ConnectionClosed {
-                num_established: 0, ..
-            } => self.refresh_shared(),
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                if let Some(info) = self.peers.get_mut(&peer_id) {
+                    info.identified = false;
+                    info.synced = false;
+                    info.sent_sync = false;
+                }
+                self.settle_pending(peer_id, false);
+                self.refresh_shared();
+            }
             SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
                 self.remember(peer_id, &address)
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, error = %error, "dial failed");
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.settle_pending(peer, false);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -624,15 +792,27 @@ impl EventLoop {
                 ..
             })) => {
                 let port = registry_port_of(&info.agent_version);
-                self.peers.entry(peer_id).or_default().registry_port = port;
+                let mut addrs = vec![];
                 for addr in info.listen_addrs {
                     let Some(ip) = ip_of(&addr) else { continue };
                     if !dialable(ip, self.loopback_only) {
                         continue;
                     }
                     self.remember(peer_id, &addr);
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                    addrs.push(addr);
                 }
+                let entry = self.peers.entry(peer_id).or_default();
+                entry.registry_port = port;
+                entry.addrs = addrs;
+                let first = !std::mem::replace(&mut entry.identified, true);
+                if first && self.swarm.is_connected(&peer_id) && self.small_cluster() {
+                    self.sync_to(peer_id);
+                }
+                self.settle_pending(peer_id, true);
                 self.refresh_shared();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -646,24 +826,48 @@ impl EventLoop {
                         providers,
                         ..
                     })) => {
-                        self.found(id, providers);
+                        if let Some(&lookup) = self.queries.get(&id) {
+                            self.offer(lookup, providers, true);
+                        }
                     }
                     QueryResult::GetProviders(Err(e)) => {
                         debug!(error = %e, "provider lookup ended with an error")
                     }
+                    QueryResult::Bootstrap(_) if step.last => self.bootstrapped = true,
                     QueryResult::StartProviding(result) => {
                         self.provides.remove(&id);
-                        if let Err(e) = result {
-                            debug!(error = %e, "provide query incomplete");
+                        let now = Instant::now();
+                        match result {
+                            Ok(ok) => {
+                                self.provide_window =
+                                    (self.provide_window + 1).min(MAX_PROVIDE_QUERIES);
+                                self.refresh.push_back((now + self.ttl / 2, ok.key));
+                            }
+                            Err(e) => {
+                                self.provide_window = (self.provide_window / 2).max(1);
+                                // A timed-out provide stored the record nowhere: run it again.
+                                debug!(error = %e, "provide query incomplete, retrying");
+                                let key = e.key().clone();
+                                self.retry.push_back((now + self.retry_delay(), key));
+                            }
                         }
                     }
                     _ => {}
                 }
                 if step.last {
-                    // Dropping the sender closes the lookup's channel: "no more providers".
-                    self.lookups.remove(&id);
+                    // Dropping the sender closes the lookup's channel ("no more providers")
+                    // once no provider is still being dialed.
+                    if let Some(lookup) = self.queries.remove(&id) {
+                        if let Some(l) = self.lookups.get_mut(&lookup) {
+                            l.query = None;
+                        }
+                        self.maybe_close(lookup);
+                    }
                     self.provides.remove(&id);
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { .. })) => {
+                self.stat(|s| s.kad_requests += 1);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Notice(request_response::Event::Message {
                 peer,
@@ -673,11 +877,40 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    self.stat(|s| s.notices += 1);
                     match request {
                         Notice::Leave => {
                             info!(%peer, "peer left the cluster");
                             self.departed.insert(peer);
+                            if let Some(info) = self.peers.get_mut(&peer) {
+                                info.synced = false;
+                            }
                             self.swarm.behaviour_mut().kad.remove_peer(&peer);
+                            self.settle_pending(peer, false);
+                        }
+                        Notice::Provide { keys, last } => {
+                            let addresses = self
+                                .peers
+                                .get(&peer)
+                                .map(|i| i.addrs.clone())
+                                .unwrap_or_default();
+                            let expires = Some(std::time::Instant::now() + self.ttl);
+                            let store = self.swarm.behaviour_mut().kad.store_mut();
+                            for key in keys {
+                                let record = kad::ProviderRecord {
+                                    key: RecordKey::from(key),
+                                    provider: peer,
+                                    expires,
+                                    addresses: addresses.clone(),
+                                };
+                                if let Err(e) = kad::store::RecordStore::add_provider(store, record)
+                                {
+                                    debug!(%peer, error = %e, "provider record not stored");
+                                }
+                            }
+                            if last && let Some(info) = self.peers.get_mut(&peer) {
+                                info.synced = true;
+                            }
                         }
                         Notice::Withdraw(keys) => {
                             let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -713,71 +946,230 @@ impl EventLoop {
         }
     }
 
-    fn found(&mut self, id: QueryId, providers: HashSet<PeerId>) {
+    fn stat(&self, f: impl FnOnce(&mut RouterStats)) {
+        f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats);
+    }
+
+    fn table_peers(&mut self) -> Vec<PeerId> {
+        let mut out = vec![];
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            out.extend(bucket.iter().map(|e| *e.node.key.preimage()));
+        }
+        out
+    }
+
+    /// At most [`REPLICATION`] nodes: every provide query reaches every node.
+    fn small_cluster(&mut self) -> bool {
+        self.table_peers().len() < REPLICATION && self.swarm.connected_peers().count() < REPLICATION
+    }
+
+    /// The local record store holds every live provider record of the cluster: the cluster is
+    /// small and every connected peer has sent us a full sync (after which its advertisements
+    /// arrive by notice at once). Peers that never sync (other implementations) keep this
+    /// false, so lookups then use the DHT. A peer that disconnected keeps its records here
+    /// until they expire; lookups dial it before handing it out.
+    fn authoritative(&mut self) -> bool {
+        // Before the first bootstrap query ends, a joining node may know only its seeds.
+        if !self.bootstrapped || !self.small_cluster() {
+            return false;
+        }
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        connected
+            .iter()
+            .all(|p| self.peers.get(p).is_some_and(|i| i.synced))
+    }
+
+    /// Sends `peer` everything this node provides, ending with `last`.
+    fn sync_to(&mut self, peer: PeerId) {
+        let keys: Vec<Vec<u8>> = self.advertised.iter().map(|k| k.to_vec()).collect();
+        let chunks: Vec<Vec<Vec<u8>>> = if keys.is_empty() {
+            vec![vec![]]
+        } else {
+            keys.chunks(WITHDRAW_CHUNK).map(|c| c.to_vec()).collect()
+        };
+        let n = chunks.len();
+        self.peers.entry(peer).or_default().sent_sync = true;
+        for (i, keys) in chunks.into_iter().enumerate() {
+            self.swarm.behaviour_mut().notice.send_request(
+                &peer,
+                Notice::Provide {
+                    keys,
+                    last: i + 1 == n,
+                },
+            );
+        }
+    }
+
+    /// Considers `providers` for lookup `id`: live, identified ones are handed out at once; the
+    /// others are dialed first when `dial` (a provider we cannot reach is never handed out).
+    fn offer(&mut self, id: u64, providers: impl IntoIterator<Item = PeerId>, dial: bool) {
         let local = *self.swarm.local_peer_id();
-        let mut finished = false;
-        if let Some(lookup) = self.lookups.get_mut(&id) {
-            for provider in providers {
-                if provider == local
-                    || self.departed.contains(&provider)
-                    || !lookup.seen.insert(provider)
-                {
-                    continue;
-                }
-                let mut ips: BTreeSet<IpAddr> = self
-                    .peers
-                    .get(&provider)
-                    .map(|p| p.ips.clone())
-                    .unwrap_or_default();
-                if ips.is_empty() {
-                    // Fall back to what the routing table knows of the provider.
-                    for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-                        for entry in bucket.iter() {
-                            if *entry.node.key.preimage() == provider {
-                                ips.extend(
-                                    entry
-                                        .node
-                                        .value
-                                        .iter()
-                                        .filter_map(ip_of)
-                                        .filter(|ip| dialable(*ip, self.loopback_only)),
-                                );
-                            }
+        for provider in providers {
+            let Some(lookup) = self.lookups.get_mut(&id) else {
+                return;
+            };
+            if provider == local
+                || self.departed.contains(&provider)
+                || !lookup.seen.insert(provider)
+            {
+                continue;
+            }
+            let connected = self.swarm.is_connected(&provider);
+            let identified = self.peers.get(&provider).is_some_and(|i| i.identified);
+            if connected && identified {
+                self.deliver(id, provider);
+            } else if dial {
+                lookup.pending.insert(provider, Instant::now());
+                if !connected {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(provider)
+                        .condition(
+                            libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
+                        )
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
+                            debug!(%provider, error = %e, "cannot dial provider");
+                            lookup.pending.remove(&provider);
                         }
                     }
                 }
-                if ips.is_empty() {
-                    debug!(%provider, "provider without a known address");
-                    continue;
-                }
-                let port = self
-                    .peers
-                    .get(&provider)
-                    .and_then(|p| p.registry_port)
-                    .unwrap_or(self.registry_port);
-                let peer = Peer {
-                    id: provider.to_string(),
-                    addrs: ips
-                        .into_iter()
-                        .map(|ip| SocketAddr::new(ip, port))
-                        .collect(),
-                };
-                if lookup.tx.try_send(peer).is_err() {
-                    finished = true;
-                    break;
-                }
-                lookup.remaining -= 1;
-                if lookup.remaining == 0 {
-                    finished = true;
-                    break;
+            }
+        }
+    }
+
+    /// Hands `provider` to lookup `id`, ending the lookup when it has enough.
+    fn deliver(&mut self, id: u64, provider: PeerId) {
+        let mut ips: BTreeSet<IpAddr> = self
+            .peers
+            .get(&provider)
+            .map(|p| p.ips.clone())
+            .unwrap_or_default();
+        if ips.is_empty() {
+            // Fall back to what the routing table knows of the provider.
+            for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                for entry in bucket.iter() {
+                    if *entry.node.key.preimage() == provider {
+                        ips.extend(
+                            entry
+                                .node
+                                .value
+                                .iter()
+                                .filter_map(ip_of)
+                                .filter(|ip| dialable(*ip, self.loopback_only)),
+                        );
+                    }
                 }
             }
         }
-        if finished {
-            self.lookups.remove(&id);
-            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+        if ips.is_empty() {
+            debug!(%provider, "provider without a known address");
+            return;
+        }
+        let port = self
+            .peers
+            .get(&provider)
+            .and_then(|p| p.registry_port)
+            .unwrap_or(self.registry_port);
+        let peer = Peer {
+            id: provider.to_string(),
+            addrs: ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect(),
+        };
+        let Some(lookup) = self.lookups.get_mut(&id) else {
+            return;
+        };
+        let full = lookup.tx.try_send(peer).is_err() || {
+            lookup.remaining -= 1;
+            lookup.remaining == 0
+        };
+        if full {
+            self.end_lookup(id);
+        }
+    }
+
+    /// Ends lookup `id` now (closing its channel) and stops its query.
+    fn end_lookup(&mut self, id: u64) {
+        if let Some(lookup) = self.lookups.remove(&id)
+            && let Some(query) = lookup.query
+        {
+            self.queries.remove(&query);
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&query) {
                 q.finish();
             }
+        }
+    }
+
+    /// Closes lookup `id` once its query is over and no provider is being dialed.
+    fn maybe_close(&mut self, id: u64) {
+        if self
+            .lookups
+            .get(&id)
+            .is_some_and(|l| l.query.is_none() && l.pending.is_empty())
+        {
+            self.lookups.remove(&id);
+        }
+    }
+
+    /// `peer` became usable (identified) or unusable (`ok == false`): settle lookups waiting
+    /// for it.
+    fn settle_pending(&mut self, peer: PeerId, ok: bool) {
+        let waiting: Vec<u64> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(id, l)| l.pending.remove(&peer).map(|_| *id))
+            .collect();
+        for id in waiting {
+            if ok {
+                self.deliver(id, peer);
+            }
+            self.maybe_close(id);
+        }
+    }
+
+    /// Queues `key` for a provide query unless it is queued already.
+    fn enqueue(&mut self, key: RecordKey) {
+        if self.queued.insert(key.clone()) {
+            self.provide_queue.push_back(key);
+        }
+    }
+
+    /// A failed provide runs again well within the record's lifetime.
+    fn retry_delay(&self) -> Duration {
+        (self.ttl / 8).min(PROVIDE_RETRY)
+    }
+
+    /// Queues the re-provides and retries that are due, for keys still advertised.
+    fn due_provides(&mut self) {
+        let now = Instant::now();
+        let mut due = vec![];
+        for list in [&mut self.refresh, &mut self.retry] {
+            while list.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, key)) = list.pop_front() {
+                    due.push(key);
+                }
+            }
+        }
+        for key in due {
+            if self.advertised.contains(&key) {
+                self.enqueue(key);
+            }
+        }
+    }
+
+    fn expire_pending(&mut self) {
+        let ids: Vec<u64> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(id, l)| {
+                let before = l.pending.len();
+                l.pending.retain(|_, since| since.elapsed() < DIAL_WAIT);
+                (l.pending.len() != before).then_some(*id)
+            })
+            .collect();
+        for id in ids {
+            self.maybe_close(id);
         }
     }
 }

@@ -1,0 +1,757 @@
+//! `bench routing`: hundreds of in-process routers (the real [`P2pRouter`]) on loopback TCP,
+//! each on its own 127.77.x.y address, bootstrapped DNS-style from three live peers, each
+//! advertising a realistic key set. Measures convergence, lookup success and latency, memory,
+//! withdraw on leave and crash, churn, and the per-node cost (CPU, DHT messages).
+//!
+//! Also used by the CI scale test (`spegel/tests/routing_scale.rs`) with a smaller cluster.
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use rand::{Rng, seq::IndexedRandom};
+use spegel::routing::{Bootstrapper, P2pConfig, P2pRouter, Router};
+use tokio::sync::Semaphore;
+
+use crate::stats;
+
+/// Keys per image: tag, index, manifest, config and six layers.
+pub const KEYS_PER_IMAGE: usize = 10;
+/// Seed peers a joining node gets, like DNS bootstrap (§3.6).
+const SEEDS: usize = 3;
+/// Registry port every simulated node claims (the cluster-wide default).
+const REGISTRY_PORT: u16 = 5000;
+
+/// Simulation settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimConfig {
+    /// Routers in the cluster.
+    pub nodes: usize,
+    /// Images per node (each [`KEYS_PER_IMAGE`] keys); a sixth of them are unique to the node,
+    /// the rest come from a shared pool.
+    pub images_per_node: usize,
+    /// Images in the shared pool.
+    pub pool_images: usize,
+    /// Provider record TTL (re-provided at half of it).
+    pub ttl: Duration,
+    /// Lookups of other nodes' keys per node in the hit measurement.
+    pub lookups_per_node: usize,
+    /// Length of the steady-state window (CPU, messages), zero to skip.
+    pub window: Duration,
+    /// Length of the churn phase, zero to skip.
+    pub churn: Duration,
+    /// Share of nodes replaced per minute during churn.
+    pub churn_per_minute: f64,
+    /// Upper bound on the convergence wait.
+    pub converge_limit: Duration,
+}
+
+impl SimConfig {
+    /// The benchmark's defaults for `nodes` routers.
+    pub fn bench(nodes: usize) -> Self {
+        SimConfig {
+            nodes,
+            images_per_node: 30,
+            pool_images: 120,
+            ttl: Duration::from_secs(120),
+            lookups_per_node: 10,
+            window: Duration::from_secs(60),
+            churn: Duration::from_secs(60),
+            churn_per_minute: 0.10,
+            converge_limit: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Figures of one run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SimReport {
+    /// Routers.
+    pub nodes: usize,
+    /// Keys each node advertises.
+    pub keys_per_node: usize,
+    /// Seconds from the first router's start to the last one's.
+    pub start_s: f64,
+    /// Seconds from the last start until a full sampled round found every key.
+    pub converge_s: f64,
+    /// Sampled rounds run until convergence.
+    pub converge_rounds: usize,
+    /// Lookups of keys of live providers, and how many found a right provider.
+    pub hit_lookups: usize,
+    /// See `hit_lookups`.
+    pub hit_found: usize,
+    /// Time to the first provider of a hit, ms.
+    pub hit_p50_ms: f64,
+    /// See `hit_p50_ms`.
+    pub hit_p99_ms: f64,
+    /// Lookups of keys nobody has.
+    pub miss_lookups: usize,
+    /// Lookups of missing keys that still returned a provider (must be 0).
+    pub miss_false: usize,
+    /// Time until a miss's answer closes ("no provider"), ms.
+    pub miss_p50_ms: f64,
+    /// See `miss_p50_ms`.
+    pub miss_p99_ms: f64,
+    /// Share of lookups answered from the local store.
+    pub local_answer_share: f64,
+    /// RSS growth per router, KiB.
+    pub rss_per_router_kib: f64,
+    /// Steady window: CPU ms per node per minute.
+    pub cpu_ms_per_node_min: f64,
+    /// Steady window: DHT messages (Kademlia requests and notices) per node per minute.
+    pub msgs_per_node_min: f64,
+    /// Messages per node to join and advertise every key.
+    pub startup_msgs_per_node: f64,
+    /// Nodes that left gracefully, lookups of their keys right after, and how many returned a
+    /// leaver.
+    pub left: usize,
+    /// See `left`.
+    pub leave_lookups: usize,
+    /// See `left`.
+    pub leave_stale: usize,
+    /// Nodes crashed, and the seconds until no lookup returned one of them.
+    pub crashed: usize,
+    /// See `crashed`.
+    pub crash_clear_s: f64,
+    /// Lookups of crashed nodes' keys after `crash_clear_s` that still returned one (must be 0).
+    pub crash_stale: usize,
+    /// Churn: nodes replaced, lookups of established live providers, found, and lookups that
+    /// returned a dead provider.
+    pub churn_replaced: usize,
+    /// See `churn_replaced`.
+    pub churn_lookups: usize,
+    /// See `churn_replaced`.
+    pub churn_found: usize,
+    /// See `churn_replaced`.
+    pub churn_stale: usize,
+    /// Churn: seconds until a new node's keys were findable, p50 and max.
+    pub churn_findable_p50_s: f64,
+    /// See `churn_findable_p50_s`.
+    pub churn_findable_max_s: f64,
+}
+
+/// One simulated node.
+pub struct SimNode {
+    /// Its router handle.
+    pub router: P2pRouter,
+    task: tokio::task::JoinHandle<()>,
+    addr: String,
+    /// Every key it advertises.
+    pub keys: Vec<String>,
+    /// Keys only this node has.
+    pub unique: Vec<String>,
+    started: Instant,
+}
+
+impl SimNode {
+    /// Its peer ID.
+    pub fn id(&self) -> String {
+        self.router.local_peer_id()
+    }
+}
+
+/// A running simulated cluster.
+pub struct Sim {
+    /// Settings.
+    pub config: SimConfig,
+    /// Live nodes.
+    pub nodes: Vec<SimNode>,
+    /// Peer IDs of nodes that left or crashed.
+    pub dead: HashSet<String>,
+    next: usize,
+    port: u16,
+}
+
+/// The outcome of one lookup.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// Providers returned (peer IDs).
+    pub providers: Vec<String>,
+    /// Time to the first provider.
+    pub first: Option<Duration>,
+    /// Time until the answer closed.
+    pub closed: Duration,
+}
+
+fn rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes the struct it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Raises the open-file limit to its hard maximum (every connection has two ends here).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn image_keys(name: &str) -> Vec<String> {
+    use sha2::Digest as _;
+    let mut keys = vec![format!("docker.io/sim/{name}:v1")];
+    for i in 1..KEYS_PER_IMAGE {
+        let digest = sha2::Sha256::digest(format!("{name}/{i}").as_bytes());
+        keys.push(format!("sha256:{}", hex::encode(digest)));
+    }
+    keys
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Sim {
+    /// An empty cluster; every node listens on the same router port, on its own address.
+    pub fn new(config: SimConfig) -> anyhow::Result<Self> {
+        raise_fd_limit();
+        Ok(Sim {
+            config,
+            nodes: vec![],
+            dead: HashSet::new(),
+            next: 0,
+            port: free_port()?,
+        })
+    }
+
+    /// Keys per node.
+    pub fn keys_per_node(&self) -> usize {
+        self.config.images_per_node * KEYS_PER_IMAGE
+    }
+
+    /// Starts one node (bootstrapped from up to three random live nodes) and advertises its
+    /// keys at once, as the daemon does after its first containerd scan.
+    pub async fn add_node(&mut self) -> anyhow::Result<()> {
+        let n = self.next;
+        self.next += 1;
+        let ip = Ipv4Addr::new(127, 77, (n / 250) as u8, (n % 250 + 1) as u8);
+        let seeds: Vec<libp2p::Multiaddr> = {
+            let mut rng = rand::rng();
+            self.nodes
+                .choose_multiple(&mut rng, SEEDS)
+                .map(|s| format!("{}/p2p/{}", s.addr, s.id()).parse())
+                .collect::<Result<_, _>>()?
+        };
+        let (router, task) = P2pRouter::start(P2pConfig {
+            router_addr: format!("{ip}:{}", self.port),
+            registry_port: REGISTRY_PORT,
+            data_dir: String::new(),
+            advertise_ttl: self.config.ttl,
+            bootstrap: (!seeds.is_empty()).then_some(Bootstrapper::Static(seeds)),
+        })
+        .await
+        .with_context(|| format!("router {n}"))?;
+        let unique_images = (self.config.images_per_node / 6).max(1);
+        let mut keys = vec![];
+        let mut unique = vec![];
+        for i in 0..unique_images {
+            unique.extend(image_keys(&format!("node{n}-img{i}")));
+        }
+        keys.extend(unique.iter().cloned());
+        {
+            let mut rng = rand::rng();
+            let pool: Vec<usize> = (0..self.config.pool_images).collect();
+            let shared = self.config.images_per_node.saturating_sub(unique_images);
+            for &i in pool.choose_multiple(&mut rng, shared) {
+                keys.extend(image_keys(&format!("pool{i}")));
+            }
+        }
+        router.advertise(keys.clone()).await?;
+        self.nodes.push(SimNode {
+            router,
+            task,
+            addr: format!("/ip4/{ip}/tcp/{}", self.port),
+            keys,
+            unique,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Stops node `i` gracefully (leave notice) and forgets it.
+    pub async fn leave(&mut self, i: usize) -> String {
+        let node = self.nodes.swap_remove(i);
+        node.router.shutdown().await;
+        let id = node.id();
+        self.dead.insert(id.clone());
+        id
+    }
+
+    /// Kills node `i` without a word (its sockets close, as when a process is killed).
+    pub fn crash(&mut self, i: usize) -> String {
+        let node = self.nodes.swap_remove(i);
+        node.task.abort();
+        let id = node.id();
+        self.dead.insert(id.clone());
+        id
+    }
+
+    /// Looks `key` up from node `from`, collecting every provider (bounded wait).
+    pub async fn lookup(router: &P2pRouter, key: &str, count: usize) -> Lookup {
+        let start = Instant::now();
+        let mut providers = vec![];
+        let mut first = None;
+        if let Ok(mut rx) = router.lookup(key, count).await {
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(p) = rx.recv().await {
+                    first.get_or_insert_with(|| start.elapsed());
+                    providers.push(p.id);
+                }
+            })
+            .await;
+        }
+        Lookup {
+            providers,
+            first,
+            closed: start.elapsed(),
+        }
+    }
+
+    /// Runs `jobs` lookups (from node index, key, count) with at most `parallel` in flight.
+    pub async fn lookups(
+        &self,
+        jobs: Vec<(usize, String, usize)>,
+        parallel: usize,
+    ) -> Vec<(usize, String, Lookup)> {
+        let limit = Arc::new(Semaphore::new(parallel.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for (from, key, count) in jobs {
+            let router = self.nodes[from].router.clone();
+            let limit = limit.clone();
+            set.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let l = Sim::lookup(&router, &key, count).await;
+                (from, key, l)
+            });
+        }
+        let mut out = vec![];
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// For every node, `per_node` lookups of a unique key of a random other node (whose ID
+    /// must come back) and one of a shared key (some live holder must come back). Returns
+    /// (lookups, successes, lookups returning a dead node, the results).
+    pub async fn sample_round(
+        &self,
+        per_node: usize,
+        min_age: Duration,
+    ) -> (usize, usize, usize, Vec<Lookup>) {
+        let mut jobs = vec![];
+        let mut expect: std::collections::HashMap<(usize, String), Vec<String>> =
+            Default::default();
+        {
+            let mut rng = rand::rng();
+            let n = self.nodes.len();
+            for from in 0..n {
+                let targets: Vec<usize> = (0..n)
+                    .filter(|&t| t != from && self.nodes[t].started.elapsed() >= min_age)
+                    .collect();
+                for &t in targets.choose_multiple(&mut rng, per_node) {
+                    let node = &self.nodes[t];
+                    let key = node.unique[rng.random_range(0..node.unique.len())].clone();
+                    expect.insert((from, key.clone()), vec![node.id()]);
+                    jobs.push((from, key, 1));
+                }
+                if let Some(&t) = targets.choose(&mut rng) {
+                    let key =
+                        self.nodes[t].keys[rng.random_range(0..self.nodes[t].keys.len())].clone();
+                    let holders = self
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, h)| *i != from && h.keys.contains(&key))
+                        .map(|(_, h)| h.id())
+                        .collect();
+                    expect.insert((from, key.clone()), holders);
+                    jobs.push((from, key, 1));
+                }
+            }
+        }
+        let results = self.lookups(jobs, 16).await;
+        let (mut ok, mut stale) = (0, 0);
+        let total = results.len();
+        let mut out = vec![];
+        for (from, key, l) in results {
+            let holders = expect.get(&(from, key)).cloned().unwrap_or_default();
+            if l.providers.iter().any(|p| holders.contains(p)) {
+                ok += 1;
+            }
+            if l.providers.iter().any(|p| self.dead.contains(p)) {
+                stale += 1;
+            }
+            out.push(l);
+        }
+        (total, ok, stale, out)
+    }
+
+    /// Kademlia requests and notices handled by live nodes, summed.
+    pub fn messages(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let s = n.router.stats();
+                s.kad_requests + s.notices
+            })
+            .sum()
+    }
+
+    /// Lookups answered locally and by DHT query, summed over live nodes.
+    pub fn answer_counts(&self) -> (u64, u64) {
+        self.nodes.iter().fold((0, 0), |(l, q), n| {
+            let s = n.router.stats();
+            (l + s.local_answers, q + s.dht_queries)
+        })
+    }
+
+    /// Waits (bounded) until every live node is ready.
+    pub async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while !self.nodes.iter().all(|n| n.router.ready()) {
+            anyhow::ensure!(Instant::now() < deadline, "routers not ready in {limit:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Samples rounds until one finds every key (bounded); returns (rounds, seconds).
+    pub async fn converge(&self, limit: Duration) -> anyhow::Result<(usize, f64)> {
+        let start = Instant::now();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let (total, ok, _, _) = self.sample_round(5, Duration::ZERO).await;
+            if ok == total {
+                return Ok((rounds, start.elapsed().as_secs_f64()));
+            }
+            eprintln!("  round {rounds}: {ok}/{total} found");
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "not converged in {limit:?}: {ok}/{total}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Indices of `count` random live nodes.
+    pub fn pick(&self, count: usize) -> Vec<usize> {
+        let mut rng = rand::rng();
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let mut v: Vec<usize> = all.choose_multiple(&mut rng, count).copied().collect();
+        // Removal by swap_remove: highest index first keeps the others valid.
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v
+    }
+
+    /// Lookups from `probes` random live nodes of every key in `keys`; how many returned
+    /// one of `gone`.
+    pub async fn count_stale(
+        &self,
+        keys: &[String],
+        gone: &HashSet<String>,
+        probes: usize,
+    ) -> (usize, usize) {
+        let mut jobs = vec![];
+        let mut rng = rand::rng();
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        for key in keys {
+            for &from in all.choose_multiple(&mut rng, probes) {
+                jobs.push((from, key.clone(), 3));
+            }
+        }
+        let results = self.lookups(jobs, 16).await;
+        let stale = results
+            .iter()
+            .filter(|(_, _, l)| l.providers.iter().any(|p| gone.contains(p)))
+            .count();
+        (results.len(), stale)
+    }
+}
+
+/// Runs the whole simulation.
+pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
+    let mut sim = Sim::new(config.clone())?;
+    let mut report = SimReport {
+        nodes: config.nodes,
+        keys_per_node: sim.keys_per_node(),
+        ..Default::default()
+    };
+    let rss0 = rss_kib();
+    eprintln!("starting {} routers", config.nodes);
+    let t0 = Instant::now();
+    for _ in 0..config.nodes {
+        sim.add_node().await?;
+    }
+    report.start_s = t0.elapsed().as_secs_f64();
+    sim.wait_ready(Duration::from_secs(120)).await?;
+    eprintln!("converging");
+    let (rounds, secs) = sim.converge(config.converge_limit).await?;
+    report.converge_rounds = rounds;
+    report.converge_s = secs;
+    // Let the provide queues drain before measuring steady figures.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report.rss_per_router_kib = (rss_kib() - rss0) / config.nodes as f64;
+    report.startup_msgs_per_node = sim.messages() as f64 / config.nodes as f64;
+
+    eprintln!("measuring hits and misses");
+    let (l0, q0) = sim.answer_counts();
+    let mut hits = vec![];
+    let mut misses = vec![];
+    for _ in 0..config.lookups_per_node.div_ceil(5) {
+        let (total, ok, _, results) = sim.sample_round(4, Duration::ZERO).await;
+        report.hit_lookups += total;
+        report.hit_found += ok;
+        hits.extend(results.iter().filter_map(|l| l.first).map(ms));
+    }
+    let miss_jobs: Vec<(usize, String, usize)> = (0..sim.nodes.len())
+        .flat_map(|i| (0..3).map(move |j| (i, format!("sha256:{:064x}", i * 7919 + j + 1), 3)))
+        .collect();
+    for (_, _, l) in sim.lookups(miss_jobs, 4).await {
+        report.miss_lookups += 1;
+        if !l.providers.is_empty() {
+            report.miss_false += 1;
+        }
+        misses.push(ms(l.closed));
+    }
+    let (l1, q1) = sim.answer_counts();
+    let answered = (l1 - l0 + q1 - q0).max(1) as f64;
+    report.local_answer_share = (l1 - l0) as f64 / answered;
+    report.hit_p50_ms = stats::percentile(&hits, 50.0);
+    report.hit_p99_ms = stats::percentile(&hits, 99.0);
+    report.miss_p50_ms = stats::percentile(&misses, 50.0);
+    report.miss_p99_ms = stats::percentile(&misses, 99.0);
+
+    if !config.window.is_zero() {
+        eprintln!("steady window {:?}", config.window);
+        let (cpu0, m0, start) = (cpu_seconds(), sim.messages(), Instant::now());
+        // A light pull load: every node looks up one key of another node every 10 s.
+        while start.elapsed() < config.window {
+            let _ = sim.sample_round(1, Duration::ZERO).await;
+            tokio::time::sleep(Duration::from_secs(10).saturating_sub(Duration::from_millis(1)))
+                .await;
+        }
+        let minutes = start.elapsed().as_secs_f64() / 60.0;
+        let per = config.nodes as f64 * minutes;
+        report.cpu_ms_per_node_min = (cpu_seconds() - cpu0) * 1000.0 / per;
+        report.msgs_per_node_min = (sim.messages() - m0) as f64 / per;
+    }
+
+    eprintln!("graceful leave");
+    let count = (config.nodes / 20).max(2);
+    let mut gone = HashSet::new();
+    let mut gone_keys = vec![];
+    for i in sim.pick(count) {
+        gone_keys.extend(sim.nodes[i].unique.iter().take(2).cloned());
+        gone.insert(sim.leave(i).await);
+    }
+    report.left = gone.len();
+    let (n, stale) = sim.count_stale(&gone_keys, &gone, 5).await;
+    report.leave_lookups = n;
+    report.leave_stale = stale;
+
+    eprintln!("crash");
+    let mut crashed = HashSet::new();
+    let mut crashed_keys = vec![];
+    for i in sim.pick(count) {
+        crashed_keys.extend(sim.nodes[i].unique.iter().take(2).cloned());
+        crashed.insert(sim.crash(i));
+    }
+    report.crashed = crashed.len();
+    let start = Instant::now();
+    loop {
+        let (_, stale) = sim.count_stale(&crashed_keys, &crashed, 3).await;
+        if stale == 0 {
+            report.crash_clear_s = start.elapsed().as_secs_f64();
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < config.ttl + Duration::from_secs(30),
+            "crashed providers still returned after the TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.crash_stale = sim.count_stale(&crashed_keys, &crashed, 5).await.1;
+
+    if !config.churn.is_zero() {
+        eprintln!("churn {:?}", config.churn);
+        let per_minute = (config.nodes as f64 * config.churn_per_minute).max(1.0);
+        let gap = Duration::from_secs_f64(60.0 / per_minute);
+        let start = Instant::now();
+        let mut next_replace = start;
+        let mut newcomers: Vec<(String, String, Instant)> = vec![];
+        let mut findable = vec![];
+        let mut crash_next = true;
+        while start.elapsed() < config.churn {
+            if Instant::now() >= next_replace {
+                let i = sim.pick(1)[0];
+                if crash_next {
+                    sim.crash(i);
+                } else {
+                    sim.leave(i).await;
+                }
+                crash_next = !crash_next;
+                sim.add_node().await?;
+                let node = sim.nodes.last().context("new node")?;
+                newcomers.push((node.id(), node.unique[0].clone(), Instant::now()));
+                report.churn_replaced += 1;
+                next_replace += gap;
+            }
+            // Established providers (up for 10 s or more) must always be found.
+            let (total, ok, stale, _) = sim.sample_round(1, Duration::from_secs(10)).await;
+            report.churn_lookups += total;
+            report.churn_found += ok;
+            report.churn_stale += stale;
+            // Newcomers: how long until their keys are findable.
+            let mut still = vec![];
+            for (id, key, since) in newcomers.drain(..) {
+                if !sim.nodes.iter().any(|n| n.id() == id) {
+                    continue;
+                }
+                let from = sim.pick(1)[0];
+                let l = Sim::lookup(&sim.nodes[from].router, &key, 1).await;
+                if l.providers.contains(&id) {
+                    findable.push(since.elapsed().as_secs_f64());
+                } else {
+                    still.push((id, key, since));
+                }
+            }
+            newcomers = still;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        report.churn_findable_p50_s = stats::percentile(&findable, 50.0);
+        report.churn_findable_max_s = findable.iter().copied().fold(0.0, f64::max);
+    }
+    for node in sim.nodes.drain(..) {
+        node.task.abort();
+    }
+    Ok(report)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The BENCHMARK.md table of full runs.
+pub fn table(reports: &[SimReport]) -> String {
+    let mut out = String::new();
+    let col =
+        |f: &dyn Fn(&SimReport) -> String| reports.iter().map(f).collect::<Vec<_>>().join(" | ");
+    let header = col(&|r| format!("{} nodes", r.nodes));
+    out.push_str(&format!(
+        "| | {header} |\n|---|{}\n",
+        "---|".repeat(reports.len())
+    ));
+    let rows: Vec<(&str, Box<dyn Fn(&SimReport) -> String>)> = vec![
+        ("keys per node", Box::new(|r| r.keys_per_node.to_string())),
+        (
+            "start all routers (s)",
+            Box::new(|r| format!("{:.1}", r.start_s)),
+        ),
+        (
+            "every sampled key findable after (s, rounds)",
+            Box::new(|r| format!("{:.1} ({})", r.converge_s, r.converge_rounds)),
+        ),
+        (
+            "hit lookups found",
+            Box::new(|r| format!("{}/{}", r.hit_found, r.hit_lookups)),
+        ),
+        (
+            "hit: first provider p50 / p99 (ms)",
+            Box::new(|r| format!("{:.2} / {:.2}", r.hit_p50_ms, r.hit_p99_ms)),
+        ),
+        (
+            "miss: answer closed p50 / p99 (ms)",
+            Box::new(|r| format!("{:.2} / {:.2}", r.miss_p50_ms, r.miss_p99_ms)),
+        ),
+        (
+            "misses returning a provider",
+            Box::new(|r| format!("{}/{}", r.miss_false, r.miss_lookups)),
+        ),
+        (
+            "lookups answered locally",
+            Box::new(|r| format!("{:.0} %", r.local_answer_share * 100.0)),
+        ),
+        (
+            "RSS per router (KiB)",
+            Box::new(|r| format!("{:.0}", r.rss_per_router_kib)),
+        ),
+        (
+            "CPU per node per minute (ms)",
+            Box::new(|r| format!("{:.1}", r.cpu_ms_per_node_min)),
+        ),
+        (
+            "DHT messages per node per minute",
+            Box::new(|r| format!("{:.0}", r.msgs_per_node_min)),
+        ),
+        (
+            "DHT messages per node to join and advertise",
+            Box::new(|r| format!("{:.0}", r.startup_msgs_per_node)),
+        ),
+        (
+            "graceful leave: lookups returning a leaver",
+            Box::new(|r| format!("{}/{} ({} left)", r.leave_stale, r.leave_lookups, r.left)),
+        ),
+        (
+            "crash: no crashed provider returned after (s)",
+            Box::new(|r| format!("{:.1} ({} crashed)", r.crash_clear_s, r.crashed)),
+        ),
+        (
+            "churn: nodes replaced",
+            Box::new(|r| r.churn_replaced.to_string()),
+        ),
+        (
+            "churn: established providers found",
+            Box::new(|r| format!("{}/{}", r.churn_found, r.churn_lookups)),
+        ),
+        (
+            "churn: lookups returning a dead node",
+            Box::new(|r| r.churn_stale.to_string()),
+        ),
+        (
+            "churn: new node's keys findable after p50 / max (s)",
+            Box::new(|r| {
+                format!(
+                    "{:.1} / {:.1}",
+                    r.churn_findable_p50_s, r.churn_findable_max_s
+                )
+            }),
+        ),
+    ];
+    for (name, f) in rows {
+        out.push_str(&format!("| {name} | {} |\n", col(&*f)));
+    }
+    out
+}
