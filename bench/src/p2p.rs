@@ -25,6 +25,10 @@ pub struct Report {
     pub miss_pull_with_mirror_ms: Vec<f64>,
     /// Pulls of images no peer has, no mirror configured.
     pub miss_pull_without_mirror_ms: Vec<f64>,
+    /// Pulls of images no peer has, with a mirror that answers every request 404 at once
+    /// (containerd's own cost of trying a mirror and falling back: the floor of any mirror).
+    #[serde(default)]
+    pub miss_pull_instant_404_ms: Vec<f64>,
     /// Large image pulled from the registry.
     pub large_from_registry_ms: Vec<f64>,
     /// Large image pulled from a peer (registry stopped).
@@ -99,33 +103,50 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
     // Miss penalty: fresh images nobody has, pulled by node 3 with and without the mirror.
     eprintln!("measuring the miss penalty");
     let hosts = cluster.node(3).certs_d().join("_default/hosts.toml");
-    let parked = cluster.node(3).certs_d().join("hosts.toml.parked");
+    let spegel_hosts = std::fs::read_to_string(&hosts).context("reading node 3's hosts.toml")?;
+    let node3_ip = cluster.network().node_ip(3);
+    let mirror_host = format!("'http://{node3_ip}:{REGISTRY_PORT}'");
+    anyhow::ensure!(
+        spegel_hosts.contains(&mirror_host),
+        "node 3's hosts.toml has no {mirror_host}"
+    );
+    let not_found = NotFoundServer::start(&cluster.network().node(3), &node3_ip, NOT_FOUND_PORT)?;
+    let instant_404_hosts = spegel_hosts.replace(
+        &mirror_host,
+        &format!("'http://{node3_ip}:{NOT_FOUND_PORT}'"),
+    );
     let mut with = Vec::new();
     let mut without = Vec::new();
+    let mut instant_404 = Vec::new();
     for i in 0..runs {
-        for mirror in [true, false] {
+        for setup in ["spegel", "none", "instant-404"] {
             let spec = ImageSpec {
-                repo: format!("p2p/miss-{i}-{mirror}"),
+                repo: format!("p2p/miss-{i}-{setup}"),
                 tag: "v1".into(),
                 layers: vec![256 << 10, 256 << 10],
                 seed: 100 + i as u64,
                 platforms: vec![],
             };
             let image = cluster.push(&spec)?;
-            if mirror {
-                if parked.exists() {
-                    std::fs::rename(&parked, &hosts)?;
-                }
-            } else {
-                std::fs::rename(&hosts, &parked)?;
+            match setup {
+                "spegel" => std::fs::write(&hosts, &spegel_hosts)?,
+                "instant-404" => std::fs::write(&hosts, &instant_404_hosts)?,
+                _ => std::fs::remove_file(&hosts)?,
             }
-            let d = cluster.node(3).pull(&image.reference, false)?.duration;
-            (if mirror { &mut with } else { &mut without }).push(ms(d));
+            let d = ms(cluster.node(3).pull(&image.reference, false)?.duration);
+            match setup {
+                "spegel" => with.push(d),
+                "instant-404" => instant_404.push(d),
+                _ => without.push(d),
+            }
         }
     }
-    if parked.exists() {
-        std::fs::rename(&parked, &hosts)?;
-    }
+    std::fs::write(&hosts, &spegel_hosts)?;
+    anyhow::ensure!(
+        not_found.requests() > 0,
+        "containerd never asked the 404 mirror: the control measured nothing"
+    );
+    drop(not_found);
 
     // Large image: from the registry (node 1) and from a peer (node 2, registry stopped).
     eprintln!("measuring {large_mib} MiB pulls from the registry and from a peer");
@@ -159,6 +180,7 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
         miss_head_ms,
         miss_pull_with_mirror_ms: with,
         miss_pull_without_mirror_ms: without,
+        miss_pull_instant_404_ms: instant_404,
         large_from_registry_ms: from_registry,
         large_from_peer_ms: from_peer,
         large_mib,
@@ -185,6 +207,10 @@ pub fn table(r: &Report) -> String {
             &r.miss_pull_without_mirror_ms,
         ),
         (
+            "pull, image no peer has, mirror answering 404 at once (control)",
+            &r.miss_pull_instant_404_ms,
+        ),
+        (
             "pull large image from the registry",
             &r.large_from_registry_ms,
         ),
@@ -201,11 +227,116 @@ pub fn table(r: &Report) -> String {
         ));
     }
     let penalty = p(&r.miss_pull_with_mirror_ms, 50.0) - p(&r.miss_pull_without_mirror_ms, 50.0);
+    let floor = p(&r.miss_pull_instant_404_ms, 50.0) - p(&r.miss_pull_without_mirror_ms, 50.0);
     let lookup = p(&r.hit_head_ms, 50.0) - p(&r.local_head_ms, 50.0);
     out.push_str(&format!(
-        "\nMiss penalty (median pull with mirror − without): {penalty:.1} ms. Hit overhead over local (lookup + peer round trip): {lookup:.2} ms at p50. Large ({} MiB) pull, peer vs registry: {:.2}×.\n",
+        "\nMiss penalty (median pull with mirror − without): {penalty:.1} ms, of which containerd's own fallback (mirror answering 404 at once − without): {floor:.1} ms, spegel's share: {:.1} ms. Hit overhead over local (lookup + peer round trip): {lookup:.2} ms at p50. Large ({} MiB) pull, peer vs registry: {:.2}×.\n",
+        penalty - floor,
         r.large_mib,
         p(&r.large_from_peer_ms, 50.0) / p(&r.large_from_registry_ms, 50.0).max(1e-9)
     ));
     out
+}
+
+/// Port of the control mirror in node 3's namespace.
+const NOT_FOUND_PORT: u16 = 5999;
+/// Longest the control mirror runs (the benchmark stops it much earlier).
+const NOT_FOUND_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A mirror that answers every request `404` with an empty body at once, keeping the
+/// connection alive: what containerd's fallback costs whatever the mirror does.
+struct NotFoundServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl NotFoundServer {
+    /// Listens on `ip:port` inside network namespace `netns`.
+    fn start(netns: &str, ip: &str, port: u16) -> anyhow::Result<Self> {
+        use std::sync::{Arc, atomic::AtomicBool, atomic::AtomicU64};
+        let ip: std::net::IpAddr = ip.parse().with_context(|| format!("node address {ip}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let path = format!("/var/run/netns/{netns}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop2, requests2) = (stop.clone(), requests.clone());
+        std::thread::spawn(move || {
+            let listener = (|| -> anyhow::Result<std::net::TcpListener> {
+                let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering network namespace")?;
+                let listener = std::net::TcpListener::bind((ip, port))?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })();
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let started = Instant::now();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < NOT_FOUND_LIFETIME
+            {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (stop, requests) = (stop2.clone(), requests2.clone());
+                        std::thread::spawn(move || serve_not_found(conn, &stop, &requests));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("control mirror did not start")??;
+        Ok(NotFoundServer { stop, requests })
+    }
+
+    /// Requests answered so far.
+    fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for NotFoundServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Answers each request head on `conn` with an empty 404 until the client closes, `stop` is
+/// set, or the connection idles for a minute.
+fn serve_not_found(
+    mut conn: std::net::TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+    requests: &std::sync::atomic::AtomicU64,
+) {
+    use std::io::{Read, Write};
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && buf.len() < 1 << 20 {
+        let n = match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        // Requests without bodies (GET and HEAD): each ends at its blank line.
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let answer = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n";
+            if conn.write_all(answer).is_err() {
+                return;
+            }
+        }
+    }
 }

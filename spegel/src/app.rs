@@ -358,6 +358,7 @@ impl App {
             data_dir: config.routing.data_dir,
             advertise_ttl: config.routing.advertise_ttl,
             bootstrap: config.routing.bootstrap,
+            idle_connection_timeout: crate::routing::IDLE_CONNECTION_TIMEOUT,
         })
         .await?;
         let shared_router: Arc<dyn Router> = Arc::new(router.clone());

@@ -34,6 +34,7 @@ async fn start(
         data_dir: String::new(),
         advertise_ttl: ttl,
         bootstrap,
+        idle_connection_timeout: spegel::routing::IDLE_CONNECTION_TIMEOUT,
     })
     .await
     .unwrap();

@@ -137,8 +137,8 @@ enum Bench {
         /// Images per node (10 keys each).
         #[arg(long, default_value_t = 30)]
         images: usize,
-        /// Provider record TTL, seconds.
-        #[arg(long, default_value_t = 120)]
+        /// Provider record TTL, seconds (the daemon's default is 10 minutes).
+        #[arg(long, default_value_t = 600)]
         ttl_s: u64,
         /// Steady-state window, seconds.
         #[arg(long, default_value_t = 60)]
@@ -146,6 +146,10 @@ enum Bench {
         /// Churn phase, seconds (10 % of the nodes replaced per minute).
         #[arg(long, default_value_t = 60)]
         churn_s: u64,
+        /// Idle connection timeout of the routers, seconds (the daemon keeps connections for a
+        /// day; 300 routers doing so exceed one process's file descriptors).
+        #[arg(long, default_value_t = 10)]
+        idle_timeout_s: u64,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/routing")]
         output: PathBuf,
@@ -263,6 +267,7 @@ chart: {}",
             ttl_s,
             window_s,
             churn_s,
+            idle_timeout_s,
             output,
             one,
         } => {
@@ -272,6 +277,7 @@ chart: {}",
                 c.ttl = Duration::from_secs(ttl_s.max(2));
                 c.window = Duration::from_secs(window_s);
                 c.churn = Duration::from_secs(churn_s);
+                c.idle_timeout = Duration::from_secs(idle_timeout_s.max(1));
                 c
             };
             if let Some(path) = one {
@@ -299,6 +305,7 @@ chart: {}",
                     ])
                     .args(["--window-s", &window_s.to_string()])
                     .args(["--churn-s", &churn_s.to_string()])
+                    .args(["--idle-timeout-s", &idle_timeout_s.to_string()])
                     .arg("--one")
                     .arg(&path)
                     .status()?;

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 pub use bootstrap::{Bootstrapper, parse_id_answer, serve_http_bootstrap};
 pub use identity::load_or_create_identity;
-pub use p2p::{P2pConfig, P2pRouter, RouterStats};
+pub use p2p::{IDLE_CONNECTION_TIMEOUT, P2pConfig, P2pRouter, RouterStats};
 
 /// A peer that advertised a key, with the addresses of its registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

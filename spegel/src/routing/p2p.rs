@@ -66,7 +66,13 @@ pub struct P2pConfig {
     pub advertise_ttl: Duration,
     /// Where first peers come from; `None` for a lone node.
     pub bootstrap: Option<Bootstrapper>,
+    /// How long a connection without streams stays open ([`IDLE_CONNECTION_TIMEOUT`] in the
+    /// daemon: a connected peer is handed out by lookups without a dial).
+    pub idle_connection_timeout: Duration,
 }
+
+/// The daemon's idle connection timeout: connections to peers stay up.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A notice sent to peers.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -234,7 +240,7 @@ impl P2pRouter {
                 })
             })
             .map_err(|e| setup(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
             .build();
         let addrs = listen_addrs(&config.router_addr)?;
         let mut listening = 0;
@@ -1026,11 +1032,11 @@ impl EventLoop {
                             libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing,
                         )
                         .build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        if !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
-                            debug!(%provider, error = %e, "cannot dial provider");
-                            lookup.pending.remove(&provider);
-                        }
+                    if let Err(e) = self.swarm.dial(opts)
+                        && !matches!(e, libp2p::swarm::DialError::DialPeerConditionFalse(_))
+                    {
+                        debug!(%provider, error = %e, "cannot dial provider");
+                        lookup.pending.remove(&provider);
                     }
                 }
             }
