@@ -473,6 +473,22 @@ impl Sim {
         Ok(())
     }
 
+    /// Waits (bounded) until every live node's keys have been provided once.
+    pub async fn wait_provided(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pending: u64 = self.nodes.iter().map(|n| n.router.stats().unprovided).sum();
+            if pending == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{pending} keys not yet provided after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Samples rounds until one finds every key (bounded); returns (rounds, seconds).
     pub async fn converge(&self, limit: Duration) -> anyhow::Result<(usize, f64)> {
         let start = Instant::now();

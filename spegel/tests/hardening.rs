@@ -49,6 +49,7 @@ fn registry(f: &Fixture) -> Registry {
         ready: Arc::new(|| true),
         activity: Default::default(),
         searching: Default::default(),
+        held: None,
     }
 }
 
@@ -483,6 +484,7 @@ async fn content_api_streams_are_bounded() {
         ready: Arc::new(|| true),
         activity: Default::default(),
         searching: Default::default(),
+        held: None,
     };
     let s = Server::start_with_limits(reg, patient(), limits(1000, 1000, 0)).await;
     let host = image

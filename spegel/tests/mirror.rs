@@ -179,6 +179,7 @@ async fn registry_server(
             ready: Arc::new(|| true),
             activity: Default::default(),
             searching: Default::default(),
+            held: None,
         },
         log: log.clone(),
     };

@@ -30,6 +30,8 @@ async fn hundred_routers() {
     }
     let advertised = std::time::Instant::now();
     sim.wait_ready(Duration::from_secs(120)).await.unwrap();
+    // Every key provided (on a loaded machine some provides time out and are retried).
+    sim.wait_provided(Duration::from_secs(180)).await.unwrap();
     sim.converge(Duration::from_secs(120)).await.unwrap();
 
     // A fresh full round: every sampled key of a live provider is found.

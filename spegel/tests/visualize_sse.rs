@@ -130,6 +130,7 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
             ready: Arc::new(|| true),
             activity: activity.clone(),
             searching: Default::default(),
+            held: None,
         },
     });
     let listener = runtime
@@ -278,6 +279,7 @@ fn shutdown_ends_open_event_streams() {
             ready: Arc::new(|| true),
             activity,
             searching: Default::default(),
+            held: None,
         },
     });
     let listener = runtime

@@ -397,6 +397,13 @@ chart: {}",
             let work = tempfile::tempdir()?;
             let report = bench::p2p::run(work.path(), runs.max(1), large_mib)?;
             std::fs::create_dir_all(&output)?;
+            // The daemons' debug logs (timestamped) explain where a request's time went.
+            for k in 1..=3 {
+                let log = work.path().join(format!("node{k}/spegel.log"));
+                if log.exists() {
+                    std::fs::copy(&log, output.join(format!("node{k}-spegel.log")))?;
+                }
+            }
             std::fs::write(output.join("p2p.json"), serde_json::to_vec_pretty(&report)?)?;
             let table = bench::p2p::table(&report);
             std::fs::write(output.join("p2p.md"), &table)?;

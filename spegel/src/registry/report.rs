@@ -85,6 +85,7 @@ mod tests {
                 ready: Arc::new(|| true),
                 activity: Default::default(),
                 searching: Default::default(),
+                held: None,
             },
             integrity,
         }

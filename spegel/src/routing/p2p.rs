@@ -140,6 +140,9 @@ pub struct RouterStats {
     pub local_answers: u64,
     /// Lookups that ran a DHT query.
     pub dht_queries: u64,
+    /// Advertised keys whose provide query has not yet completed once (queued, running or
+    /// waiting for a retry).
+    pub unprovided: u64,
 }
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
@@ -281,6 +284,8 @@ impl P2pRouter {
             retry: VecDeque::new(),
             provides: HashSet::new(),
             provide_window: INITIAL_PROVIDE_WINDOW,
+            unprovided: HashSet::new(),
+            stats_unprovided: 0,
             ready,
             shared,
             registry_port: config.registry_port,
@@ -469,6 +474,10 @@ struct EventLoop {
     provides: HashSet<QueryId>,
     /// Provide queries allowed at once (see [`INITIAL_PROVIDE_WINDOW`]).
     provide_window: usize,
+    /// Advertised keys without a completed provide yet.
+    unprovided: HashSet<RecordKey>,
+    /// `unprovided.len()` as last published in the stats.
+    stats_unprovided: u64,
     ready: Arc<AtomicBool>,
     shared: Arc<Mutex<Shared>>,
     registry_port: u16,
@@ -507,6 +516,11 @@ impl EventLoop {
             }
             self.pump_provides();
             self.update_ready();
+            let unprovided = self.unprovided.len() as u64;
+            if self.stats_unprovided != unprovided {
+                self.stats_unprovided = unprovided;
+                self.stat(|s| s.unprovided = unprovided);
+            }
         }
     }
 
@@ -540,7 +554,9 @@ impl EventLoop {
                     }
                 }
                 for key in record_keys {
-                    self.advertised.insert(key.clone());
+                    if self.advertised.insert(key.clone()) {
+                        self.unprovided.insert(key.clone());
+                    }
                     self.enqueue(key);
                 }
                 let _ = reply.send(());
@@ -555,6 +571,7 @@ impl EventLoop {
                 for key in &record_keys {
                     self.queued.remove(key);
                     self.advertised.remove(key);
+                    self.unprovided.remove(key);
                     self.swarm.behaviour_mut().kad.stop_providing(key);
                 }
                 // Peers that stored our records drop them now rather than at expiry.
@@ -847,6 +864,7 @@ impl EventLoop {
                             Ok(ok) => {
                                 self.provide_window =
                                     (self.provide_window + 1).min(MAX_PROVIDE_QUERIES);
+                                self.unprovided.remove(&ok.key);
                                 self.refresh.push_back((now + self.ttl / 2, ok.key));
                             }
                             Err(e) => {
