@@ -60,11 +60,7 @@ pub trait AdvertisedView: Send + Sync + 'static {
 
 /// Shared snapshot handle; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct AdvertisedHandle(
-    Arc<RwLock<Advertised>>,
-    Arc<std::sync::atomic::AtomicU64>,
-    Arc<RwLock<HashSet<String>>>,
-);
+pub struct AdvertisedHandle(Arc<RwLock<Advertised>>, Arc<std::sync::atomic::AtomicU64>);
 
 impl AdvertisedView for AdvertisedHandle {
     fn advertised(&self) -> Advertised {
@@ -73,14 +69,6 @@ impl AdvertisedView for AdvertisedHandle {
 }
 
 impl AdvertisedHandle {
-    /// Whether `key` (a digest or tag key) is advertised now.
-    pub fn holds(&self, key: &str) -> bool {
-        self.2
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
-    }
-
     /// Counts the advertiser's publications: it moves whenever an image was named, changed or
     /// deleted (and on every sync).
     pub fn generation(&self) -> u64 {
@@ -419,10 +407,6 @@ impl Advertiser {
                 added.push(key.clone());
             }
         }
-        if !added.is_empty() {
-            let mut held = self.view.2.write().unwrap_or_else(|e| e.into_inner());
-            held.extend(added.iter().cloned());
-        }
         if !added.is_empty()
             && let Err(e) = self.router.advertise(added).await
         {
@@ -448,12 +432,6 @@ impl Advertiser {
                     self.refcounts.remove(key);
                     gone.push(key.clone());
                 }
-            }
-        }
-        if !gone.is_empty() {
-            let mut held = self.view.2.write().unwrap_or_else(|e| e.into_inner());
-            for key in &gone {
-                held.remove(key);
             }
         }
         if !gone.is_empty()

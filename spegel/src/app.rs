@@ -370,7 +370,6 @@ impl App {
             config.resolve_tags,
         );
         let advertised = advertiser.view();
-        let held_view = advertised.clone();
         let advertise_task = tokio::spawn(advertiser.run());
         let in_progress_task = tokio::spawn(
             InProgressAdvertiser::new(store.clone(), shared_router.clone())
@@ -463,9 +462,6 @@ impl App {
             ready: Arc::new(move || ready_router.ready()),
             activity,
             searching: Default::default(),
-            held: Some(Arc::new(move |digest: &crate::oci::Digest| {
-                held_view.holds(&digest.to_string())
-            })),
         };
         let admin = Admin::new(
             AdminState {

@@ -49,7 +49,6 @@ fn registry(f: &Fixture) -> Registry {
         ready: Arc::new(|| true),
         activity: Default::default(),
         searching: Default::default(),
-        held: None,
     }
 }
 
@@ -484,7 +483,6 @@ async fn content_api_streams_are_bounded() {
         ready: Arc::new(|| true),
         activity: Default::default(),
         searching: Default::default(),
-        held: None,
     };
     let s = Server::start_with_limits(reg, patient(), limits(1000, 1000, 0)).await;
     let host = image

@@ -104,7 +104,6 @@ impl Server {
             ready: Arc::new(|| true),
             activity: Default::default(),
             searching: Default::default(),
-            held: None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

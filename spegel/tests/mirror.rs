@@ -179,7 +179,6 @@ async fn registry_server(
             ready: Arc::new(|| true),
             activity: Default::default(),
             searching: Default::default(),
-            held: None,
         },
         log: log.clone(),
     };

@@ -163,7 +163,6 @@ async fn registry_server(store: Arc<MemoryStore>) -> (SocketAddr, watch::Sender<
         ready: Arc::new(|| true),
         activity: Default::default(),
         searching: Default::default(),
-        held: None,
     };
     let timeouts = Timeouts {
         idle: Duration::from_secs(5),

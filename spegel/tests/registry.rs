@@ -65,7 +65,6 @@ fn registry(f: &Fixture) -> Registry {
         ready: Arc::new(|| false),
         activity: Default::default(),
         searching: Default::default(),
-        held: None,
     }
 }
 
@@ -581,32 +580,5 @@ async fn request_framing_follows_rfc9112() {
         read_response(&mut stream, &mut buf, false).await.status,
         404
     );
-    s.stop().await;
-}
-
-#[tokio::test]
-async fn digests_this_node_does_not_hold_go_to_the_mirror_without_asking_the_store() {
-    let f = fixture(MemoryStore::new());
-    let manifest = f.manifest.clone();
-    let mut reg = registry(&f);
-    // The node advertises only the manifest: the layer is in the store but not held.
-    reg.held = Some(Arc::new(move |d: &Digest| *d == manifest));
-    let s = Server::start(reg).await;
-    let layer = format!("/v2/library/app/blobs/{}?ns=docker.io", f.layer);
-    // Its own containerd asking for a digest the node does not hold: the store is skipped, and
-    // with no mirror that is the 404 that sends containerd upstream.
-    assert_eq!(s.request("GET", &layer, &[]).await.status, 404);
-    assert_eq!(s.request("HEAD", &layer, &[]).await.status, 404);
-    // A peer asking is always answered from the store.
-    let r = s
-        .request("GET", &layer, &[("X-Spegel-Mirrored", "true")])
-        .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body, f.layer_data);
-    // Held digests and tags are looked up as before.
-    let held = format!("/v2/library/app/manifests/{}?ns=docker.io", f.manifest);
-    assert_eq!(s.request("GET", &held, &[]).await.status, 200);
-    let tag = "/v2/library/app/manifests/v1?ns=docker.io";
-    assert_eq!(s.request("HEAD", tag, &[]).await.status, 200);
     s.stop().await;
 }

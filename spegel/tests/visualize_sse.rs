@@ -130,7 +130,6 @@ fn fifty_event_streams_some_never_reading_do_not_block_blob_serving() {
             ready: Arc::new(|| true),
             activity: activity.clone(),
             searching: Default::default(),
-            held: None,
         },
     });
     let listener = runtime
@@ -279,7 +278,6 @@ fn shutdown_ends_open_event_streams() {
             ready: Arc::new(|| true),
             activity,
             searching: Default::default(),
-            held: None,
         },
     });
     let listener = runtime

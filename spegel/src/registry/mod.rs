@@ -29,9 +29,6 @@ use crate::{
     store::{Content, Descriptor, Store},
 };
 
-/// Whether this node advertises it holds a digest (see [`Registry::held`]).
-pub type Held = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
-
 /// Everything a request handler needs.
 pub struct Registry {
     /// The node's content.
@@ -48,11 +45,6 @@ pub struct Registry {
     pub activity: Activity,
     /// Blobs this node's containerd is asking peers for right now.
     pub searching: Searching,
-    /// Whether this node advertises it holds a digest. A digest it does not hold, asked by a
-    /// client that is not a peer, goes to the mirror without asking the store first:
-    /// containerd asks only for content it lacks, and while it pulls, each store call costs
-    /// it 1 to 3 ms (measured on the testbed), most of a miss's cost. `None` always asks.
-    pub held: Option<Held>,
 }
 
 /// Blobs whose forward to peers has not yet found a provider, or whose body from a peer is
@@ -235,12 +227,7 @@ impl Registry {
             e
         });
         // One store lookup per request; the descriptor found is what the response describes.
-        let found = match (&path.reference.digest, &self.held) {
-            (Some(digest), Some(held)) if !from_peer && !held(digest) => {
-                Err(Missing::Digest(digest.clone()))
-            }
-            _ => self.locate(&path).await,
-        };
+        let found = self.locate(&path).await;
         let (response, outcome) = if !from_peer && found.is_err() {
             // Held until the forwarded body ends (see `Searching`).
             let searching = match (path.kind, &found) {

@@ -85,7 +85,6 @@ mod tests {
                 ready: Arc::new(|| true),
                 activity: Default::default(),
                 searching: Default::default(),
-                held: None,
             },
             integrity,
         }
