@@ -59,14 +59,7 @@ pub struct ProcSample {
 pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name: &str| crate::process::status_field(&status, name);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd"))?
         .count() as u64;

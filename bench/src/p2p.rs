@@ -257,28 +257,15 @@ impl NotFoundServer {
         let ip: std::net::IpAddr = ip.parse().with_context(|| format!("node address {ip}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicU64::new(0));
-        let path = format!("/var/run/netns/{netns}");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // A socket stays in the namespace it was created in, whichever thread accepts on it.
+        let listener = crate::images::in_netns(netns, move || {
+            let listener = std::net::TcpListener::bind((ip, port))?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .context("starting the control mirror")?;
         let (stop2, requests2) = (stop.clone(), requests.clone());
         std::thread::spawn(move || {
-            let listener = (|| -> anyhow::Result<std::net::TcpListener> {
-                let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering network namespace")?;
-                let listener = std::net::TcpListener::bind((ip, port))?;
-                listener.set_nonblocking(true)?;
-                Ok(listener)
-            })();
-            let listener = match listener {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
             let started = Instant::now();
             while !stop2.load(std::sync::atomic::Ordering::Relaxed)
                 && started.elapsed() < NOT_FOUND_LIFETIME
@@ -292,9 +279,6 @@ impl NotFoundServer {
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("control mirror did not start")??;
         Ok(NotFoundServer { stop, requests })
     }
 

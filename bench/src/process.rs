@@ -169,6 +169,17 @@ pub fn require(program: &str, package: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The first number of field `name` (with its colon, e.g. `VmRSS:`) of a `/proc/<pid>/status`
+/// text; 0 when absent.
+pub fn status_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A free TCP port on 127.0.0.1 (racy by nature, good enough for tests).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

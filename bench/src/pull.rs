@@ -454,12 +454,7 @@ pub fn real_pid(pid: u32) -> u32 {
 /// Peak resident set (`VmHWM`) of `pid` in KiB; 0 when unreadable.
 pub fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
+        .map(|s| crate::process::status_field(&s, "VmHWM:"))
         .unwrap_or(0)
 }
 

@@ -191,12 +191,7 @@ pub struct Lookup {
 
 fn rss_kib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
+        .map(|s| crate::process::status_field(&s, "VmRSS:") as f64)
         .unwrap_or(0.0)
 }
 
@@ -249,12 +244,6 @@ fn image_keys(name: &str) -> Vec<String> {
     keys
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl Sim {
     /// An empty cluster; every node listens on the same router port, on its own address.
     pub fn new(config: SimConfig) -> anyhow::Result<Self> {
@@ -264,7 +253,7 @@ impl Sim {
             nodes: vec![],
             dead: HashSet::new(),
             next: 0,
-            port: free_port()?,
+            port: crate::process::free_port()?,
         })
     }
 

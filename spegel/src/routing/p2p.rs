@@ -678,14 +678,7 @@ impl EventLoop {
         // A provide query with an empty routing table stores the record only here and is not
         // retried before the next republish (half the TTL): keys advertised before bootstrap
         // wait in the queue instead.
-        if self.provide_queue.is_empty()
-            || self
-                .swarm
-                .behaviour_mut()
-                .kad
-                .kbuckets()
-                .all(|b| b.num_entries() == 0)
-        {
+        if self.provide_queue.is_empty() || self.table_size() == 0 {
             return;
         }
         while self.provides.len() < self.provide_window {
@@ -703,15 +696,8 @@ impl EventLoop {
     }
 
     fn update_ready(&mut self) {
-        let table: usize = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .map(|b| b.num_entries())
-            .sum();
         let connected = self.swarm.connected_peers().next().is_some();
-        let ready = table > 0 && connected;
+        let ready = self.table_size() > 0 && connected;
         let was_ready = self.ready.swap(ready, Ordering::Relaxed);
         if ready && !was_ready {
             self.provide_again();
@@ -723,12 +709,12 @@ impl EventLoop {
     /// stored only locally: without this, the others could find them only by asking this node,
     /// and only from the next re-provide on were the records where lookups look first.
     fn provide_again(&mut self) {
-        let local = *self.swarm.local_peer_id();
-        let keys: Vec<RecordKey> =
-            kad::store::RecordStore::provided(self.swarm.behaviour_mut().kad.store_mut())
-                .filter(|r| r.provider == local && !self.queued.contains(&r.key))
-                .map(|r| r.key.clone())
-                .collect();
+        let keys: Vec<RecordKey> = self
+            .advertised
+            .iter()
+            .filter(|k| !self.queued.contains(*k))
+            .cloned()
+            .collect();
         if !keys.is_empty() {
             debug!(
                 keys = keys.len(),
@@ -974,17 +960,19 @@ impl EventLoop {
         f(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats);
     }
 
-    fn table_peers(&mut self) -> Vec<PeerId> {
-        let mut out = vec![];
-        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-            out.extend(bucket.iter().map(|e| *e.node.key.preimage()));
-        }
-        out
+    /// Peers in the Kademlia routing table.
+    fn table_size(&mut self) -> usize {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum()
     }
 
     /// At most [`REPLICATION`] nodes: every provide query reaches every node.
     fn small_cluster(&mut self) -> bool {
-        self.table_peers().len() < REPLICATION && self.swarm.connected_peers().count() < REPLICATION
+        self.table_size() < REPLICATION && self.swarm.connected_peers().count() < REPLICATION
     }
 
     /// The local record store holds every live provider record of the cluster: the cluster is
@@ -997,10 +985,10 @@ impl EventLoop {
         if !self.bootstrapped || !self.small_cluster() {
             return false;
         }
-        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        connected
-            .iter()
-            .all(|p| self.peers.get(p).is_some_and(|i| i.synced))
+        let peers = &self.peers;
+        self.swarm
+            .connected_peers()
+            .all(|p| peers.get(p).is_some_and(|i| i.synced))
     }
 
     /// Sends `peer` everything this node provides, ending with `last`.
