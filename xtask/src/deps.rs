@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use bench::containerd::{Version, versions_dir};
+use containerd_matrix::{Version, versions_dir};
 
 /// Debian packages, with a binary whose presence shows the package is installed.
 const APT: &[(&str, &str)] = &[

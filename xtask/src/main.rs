@@ -72,17 +72,14 @@ fn main() -> anyhow::Result<()> {
             run_bench_binary(&root, "demo", &args)
         }
         Task::Image { output, tag } => {
-            build_daemon()?;
-            let image = bench::image::build(&root.join("target/release/spegel"), &output, &tag)?;
-            println!(
-                "built {} ({}, layer {} MiB)\n  layout:  {}\n  archive: {} (ctr images import)",
-                image.reference,
-                image.digest,
-                image.layer_size >> 20,
-                image.layout.display(),
-                image.archive.display()
-            );
-            Ok(())
+            deps::install()?;
+            let args = [
+                "--output".to_string(),
+                output.to_string_lossy().into_owned(),
+                "--tag".to_string(),
+                tag,
+            ];
+            run_bench_binary(&root, "image", &args)
         }
         Task::Fuzz { target, seconds } => {
             deps::install()?;
@@ -126,8 +123,8 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .env("SPEGEL_BIN", root.join("target/release/spegel"));
     eprintln!(
         "main run on containerd {} (set {} to change)",
-        bench::containerd::Version::from_env()?,
-        bench::containerd::VERSION_ENV
+        containerd_matrix::Version::from_env()?,
+        containerd_matrix::VERSION_ENV
     );
     let rust_result = run(&mut rust);
     let chart_result = if root.join("charts/tests").is_dir() && args.is_empty() {
@@ -162,7 +159,7 @@ const MATRIX_TESTS: &[&str] = &["cluster_e2e", "chart_testbed"];
 /// Runs [`MATRIX_TESTS`] once per containerd version other than the default, naming the
 /// versions that failed.
 fn containerd_matrix(root: &Path) -> anyhow::Result<()> {
-    use bench::containerd::{VERSION_ENV, Version};
+    use containerd_matrix::{VERSION_ENV, Version};
     let default = Version::from_env()?;
     let mut failed = Vec::new();
     for version in Version::ALL.into_iter().filter(|v| *v != default) {
@@ -256,5 +253,42 @@ mod tests {
             args(&["serve", "--runs", "7"])
         );
         assert_eq!(got(&["a", "--", "--"]), args(&["a", "--"]));
+    }
+
+    /// `cargo xtask deps` installs protoc and clang, so xtask itself must build without them:
+    /// nothing of the daemon or the testbed may be among its dependencies.
+    #[test]
+    fn xtask_builds_without_the_daemon_s_build_tools() {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "tree",
+                "-p",
+                "xtask",
+                "--prefix",
+                "none",
+                "--edges",
+                "normal,build",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo tree");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tree = String::from_utf8_lossy(&out.stdout);
+        for heavy in [
+            "spegel ",
+            "spegel-ebpf ",
+            "bench ",
+            "containerd-client ",
+            "prost-build ",
+        ] {
+            assert!(
+                !tree.lines().any(|l| l.starts_with(heavy)),
+                "xtask depends on {heavy}:\n{tree}"
+            );
+        }
     }
 }
