@@ -19,6 +19,10 @@ pub struct Report {
     pub hit_head_ms: Vec<f64>,
     /// The same HEAD asked of node 1 directly (local, no lookup).
     pub local_head_ms: Vec<f64>,
+    /// Node 2's lookups during the hit HEADs, from `spegel_resolve_duration_seconds`: how many
+    /// found their first provider within each bucket bound, as (bound in ms, count), cumulative.
+    #[serde(default)]
+    pub hit_resolve_buckets: Vec<(f64, u64)>,
     /// HEAD of a blob nobody has, asked of node 2's mirror (lookup until "no provider").
     pub miss_head_ms: Vec<f64>,
     /// Pulls of images no peer has, mirror configured.
@@ -95,7 +99,12 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
             Ok(out)
         })
     };
+    let resolves_before = resolve_buckets(&cluster.metrics_text(2, 2));
     let hit_head_ms = head_times(&node2, &target, 200)?;
+    let hit_resolve_buckets = bucket_delta(
+        &resolve_buckets(&cluster.metrics_text(2, 2)),
+        &resolves_before,
+    );
     let local_head_ms = head_times(&node1, &target, 200)?;
     let missing = format!("/v2/p2p/none/blobs/sha256:{}?ns={ns}", "0".repeat(64));
     let miss_head_ms = head_times(&node2, &missing, 404)?;
@@ -183,6 +192,7 @@ pub fn run(work: &Path, runs: usize, large_mib: u64) -> anyhow::Result<Report> {
     }
     Ok(Report {
         hit_head_ms,
+        hit_resolve_buckets,
         local_head_ms,
         miss_head_ms,
         miss_pull_with_mirror_ms: with,
@@ -233,6 +243,24 @@ pub fn table(r: &Report) -> String {
             v.len()
         ));
     }
+    if let Some(&(_, total)) = r.hit_resolve_buckets.last() {
+        let within = |ms: f64| {
+            r.hit_resolve_buckets
+                .iter()
+                .find(|(le, _)| (*le - ms).abs() < 1e-9)
+                .map_or(0, |(_, n)| *n)
+        };
+        let p99_bound = r
+            .hit_resolve_buckets
+            .iter()
+            .find(|(_, n)| *n as f64 >= 0.99 * total as f64)
+            .map_or(f64::INFINITY, |(le, _)| *le);
+        out.push_str(&format!(
+            "\nHit lookups (node 2, `spegel_resolve_duration_seconds`): {total}; within 1 ms: {}, within 2 ms: {}; p99 at most {p99_bound} ms.\n",
+            within(1.0),
+            within(2.0),
+        ));
+    }
     let penalty = p(&r.miss_pull_with_mirror_ms, 50.0) - p(&r.miss_pull_without_mirror_ms, 50.0);
     let floor = p(&r.miss_pull_instant_404_ms, 50.0) - p(&r.miss_pull_without_mirror_ms, 50.0);
     let lookup = p(&r.hit_head_ms, 50.0) - p(&r.local_head_ms, 50.0);
@@ -243,6 +271,41 @@ pub fn table(r: &Report) -> String {
         p(&r.large_from_peer_ms, 50.0) / p(&r.large_from_registry_ms, 50.0).max(1e-9)
     ));
     out
+}
+
+/// The cumulative buckets of `spegel_resolve_duration_seconds` in a metrics text, as (bound in
+/// ms, count), ascending; `+Inf` last.
+fn resolve_buckets(metrics: &str) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("spegel_resolve_duration_seconds_bucket{"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse::<f64>().ok()? * 1000.0
+            };
+            let count = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
+            Some((le, count))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// `after − before`, bucket by bucket (a bucket missing before counts from zero).
+fn bucket_delta(after: &[(f64, u64)], before: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| b.total_cmp(&le).is_eq())
+                .map_or(0, |(_, n)| *n);
+            (le, n.saturating_sub(was))
+        })
+        .collect()
 }
 
 /// Port of the control mirror in node 3's namespace.
@@ -329,5 +392,22 @@ fn serve_not_found(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_buckets_are_read_and_subtracted() {
+        let before = "spegel_resolve_duration_seconds_bucket{router=\"libp2p\",le=\"0.001\"} 2\n\
+                      spegel_resolve_duration_seconds_bucket{router=\"libp2p\",le=\"+Inf\"} 3\n";
+        let after = "# HELP x\n\
+                     spegel_resolve_duration_seconds_bucket{router=\"libp2p\",le=\"+Inf\"} 13\n\
+                     spegel_resolve_duration_seconds_bucket{router=\"libp2p\",le=\"0.001\"} 11\n\
+                     spegel_resolve_duration_seconds_sum{router=\"libp2p\"} 0.5\n";
+        let delta = bucket_delta(&resolve_buckets(after), &resolve_buckets(before));
+        assert_eq!(delta, vec![(1.0, 9), (f64::INFINITY, 10)]);
     }
 }

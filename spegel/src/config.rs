@@ -308,6 +308,24 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     Ok(Duration::from_nanos(total_ns.round() as u64))
 }
 
+/// Filter directives for `--log-level`: the level applies to spegel's own code; dependencies
+/// (libp2p, h2, tonic, ...) log at INFO at most, since their DEBUG output (every HTTP/2 frame,
+/// every yamux stream) buries the daemon's own and costs CPU on every request. `RUST_LOG`
+/// overrides this when a dependency needs debugging.
+pub fn log_directives(level: tracing::Level) -> String {
+    let deps = if level > tracing::Level::INFO {
+        tracing::Level::INFO
+    } else {
+        level
+    };
+    let name = |l: tracing::Level| l.as_str().to_ascii_lowercase();
+    format!(
+        "{deps},spegel={own},spegel_ebpf={own}",
+        deps = name(deps),
+        own = name(level)
+    )
+}
+
 fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
     match s.to_ascii_uppercase().as_str() {
         "DEBUG" => Ok(tracing::Level::DEBUG),
@@ -326,6 +344,32 @@ pub use crate::net::{bind_listen_addr, parse_listen_addr};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_level_is_the_daemon_s_and_dependencies_stay_at_info() {
+        use tracing::Level;
+        assert_eq!(
+            log_directives(Level::DEBUG),
+            "info,spegel=debug,spegel_ebpf=debug"
+        );
+        assert_eq!(
+            log_directives(Level::WARN),
+            "warn,spegel=warn,spegel_ebpf=warn"
+        );
+        for level in [
+            Level::TRACE,
+            Level::DEBUG,
+            Level::INFO,
+            Level::WARN,
+            Level::ERROR,
+        ] {
+            let directives = log_directives(level);
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(&directives).is_ok(),
+                "{directives}"
+            );
+        }
+    }
 
     #[test]
     fn durations() {

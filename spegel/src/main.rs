@@ -14,10 +14,13 @@ use tracing::{error, info};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(spegel::config::log_directives(cli.log_level))
+    });
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)
-        .with_max_level(cli.log_level)
+        .with_env_filter(filter)
         .with_current_span(true)
         .with_span_list(false)
         .init();

@@ -433,6 +433,29 @@ async fn first_good_peer_wins_with_headers_and_auth() {
 }
 
 #[tokio::test]
+async fn only_a_blob_with_no_provider_known_at_once_announces_an_intent() {
+    let f = fixture();
+    let b = registry_server(f.store.clone(), None, None).await;
+    let router = FakeRouter::new(&[(f.layer.as_str(), vec![peer(b.addr)])]);
+    let m = mirror(router.clone(), |c| c.local_peer_id = Some("me".into()));
+    // A hit: the provider was in the lookup's channel when the router handed it over.
+    let resp = forward(&m, blob_request(&f.layer, true, None)).await;
+    assert_eq!(resp.status, 200);
+    // A miss: announced, so nodes missing it at the same moment can elect one fetcher.
+    let missing = format!("sha256:{}", "1".repeat(64));
+    let resp = forward(&m, blob_request(&missing, true, None)).await;
+    assert_eq!(resp.status, 404);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while router.advertised.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        *router.advertised.lock().unwrap(),
+        vec![spegel::routing::intent_key(&missing)]
+    );
+}
+
+#[tokio::test]
 async fn failing_peers_are_skipped() {
     let f = fixture();
     let e500 = raw_peer(

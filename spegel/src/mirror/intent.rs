@@ -134,10 +134,34 @@ impl Intents {
         }
     }
 
-    /// Announces this node's miss of `digest` and looks up other nodes' intents until the
-    /// returned election is decided or dropped. Nothing here delays the caller.
-    pub fn begin(&self, router: &Arc<dyn Router>, digest: &str) -> Option<Election> {
+    /// [`Intents::watch`] and [`Intents::announce`] at once.
+    #[cfg(test)]
+    fn begin(&self, router: &Arc<dyn Router>, digest: &str) -> Option<Election> {
+        let election = self.watch(router, digest)?;
+        self.announce(router, digest);
+        Some(election)
+    }
+
+    /// Looks up other nodes' intents for `digest` until the returned election is decided or
+    /// dropped, without announcing this node's own: started before the lookup of the blob, so
+    /// its first answer is in by the time a miss is known.
+    pub fn watch(&self, router: &Arc<dyn Router>, digest: &str) -> Option<Election> {
         let local = self.local.clone()?;
+        let seen: Arc<Mutex<Vec<Peer>>> = Default::default();
+        let task = tokio::spawn(watch(router.clone(), intent_key(digest), seen.clone()));
+        Some(Election {
+            digest: digest.to_string(),
+            local,
+            seen,
+            task,
+        })
+    }
+
+    /// Announces this node's miss of `digest` (or renews the announcement) for the intent TTL.
+    pub fn announce(&self, router: &Arc<dyn Router>, digest: &str) {
+        if self.local.is_none() {
+            return;
+        }
         let key = intent_key(digest);
         let expires = Instant::now() + self.ttl;
         let fresh = {
@@ -167,20 +191,12 @@ impl Intents {
         if let Some(wake) = fresh {
             tokio::spawn(hold(
                 router.clone(),
-                key.clone(),
+                key,
                 digest.to_string(),
                 self.active.clone(),
                 wake,
             ));
         }
-        let seen: Arc<Mutex<Vec<Peer>>> = Default::default();
-        let task = tokio::spawn(watch(router.clone(), key, seen.clone()));
-        Some(Election {
-            digest: digest.to_string(),
-            local,
-            seen,
-            task,
-        })
     }
 
     /// Withdraws the intent for `digest` early: this node found a source for it.
@@ -355,7 +371,7 @@ async fn forward_from(
     )
     .await
     {
-        Ok(mut more) => {
+        Ok(lookup::Found { rx: mut more, .. }) => {
             tokio::spawn(async move {
                 while let Some(peer) = more.recv().await {
                     if tx.send(peer).await.is_err() {

@@ -12,6 +12,17 @@ use crate::{
     routing::{Peer, Router, RoutingError, in_progress_key},
 };
 
+/// A lookup's stream of providers.
+pub(super) struct Found {
+    /// Providers, complete ones first.
+    pub rx: mpsc::Receiver<Peer>,
+    /// A complete provider was known (and connected) when the lookup started: no DHT query
+    /// had to find it.
+    pub known_at_once: bool,
+    /// When the lookup was asked of the router.
+    pub started: std::time::Instant,
+}
+
 /// Streams the providers of `key` and, for blobs, of its in-progress key, complete ones first.
 /// `grace` is how long in-progress providers are held back while the complete lookup runs
 /// without a result (it must stay below the race's idle wait, or the race gives up first).
@@ -21,24 +32,38 @@ pub(super) async fn lookup(
     count: usize,
     blob: bool,
     grace: Duration,
-) -> Result<mpsc::Receiver<Peer>, RoutingError> {
-    let complete = router.lookup(key, count).await?;
+) -> Result<Found, RoutingError> {
+    let started = std::time::Instant::now();
+    let mut complete = router.lookup(key, count).await?;
     if !blob {
-        return Ok(complete);
+        return Ok(Found {
+            rx: complete,
+            known_at_once: false,
+            started,
+        });
     }
+    // The router hands the channel over with the providers it knew already in it.
+    let first = complete.try_recv().ok();
+    let known_at_once = first.is_some();
+    let (tx, rx) = mpsc::channel(count.max(1) * 2 + 1);
     let in_progress = match router.lookup(&in_progress_key(key), count).await {
         Ok(rx) => rx,
         Err(e) => {
             debug!(error = %e, "in-progress lookup failed");
-            return Ok(complete);
+            // An in-progress lookup that ended at once: only the complete providers remain.
+            mpsc::channel(1).1
         }
     };
-    let (tx, rx) = mpsc::channel(count.max(1) * 2);
-    tokio::spawn(merge(complete, in_progress, tx, grace));
-    Ok(rx)
+    tokio::spawn(merge(first, complete, in_progress, tx, grace));
+    Ok(Found {
+        rx,
+        known_at_once,
+        started,
+    })
 }
 
 async fn merge(
+    first: Option<Peer>,
     mut complete: mpsc::Receiver<Peer>,
     mut in_progress: mpsc::Receiver<Peer>,
     tx: mpsc::Sender<Peer>,
@@ -52,6 +77,13 @@ async fn merge(
     // complete lookup is over).
     let mut releasing = false;
     let mut found_complete = false;
+    if let Some(peer) = first {
+        found_complete = true;
+        sent.insert(peer.id.clone());
+        if tx.send(peer).await.is_err() {
+            return;
+        }
+    }
     while complete_open || in_progress_open || !held.is_empty() {
         if releasing || (!complete_open && !held.is_empty()) {
             releasing = true;
@@ -115,7 +147,7 @@ mod tests {
         itx.send(peer("downloading")).await.unwrap();
         itx.send(peer("both")).await.unwrap();
         drop(itx);
-        let task = tokio::spawn(merge(crx, irx, tx, Duration::from_secs(3600)));
+        let task = tokio::spawn(merge(None, crx, irx, tx, Duration::from_secs(3600)));
         tokio::task::yield_now().await;
         ctx.send(peer("both")).await.unwrap();
         ctx.send(peer("done")).await.unwrap();
@@ -130,7 +162,7 @@ mod tests {
         let (itx, irx) = mpsc::channel(8);
         let (tx, mut rx) = mpsc::channel(8);
         itx.send(peer("downloading")).await.unwrap();
-        tokio::spawn(merge(crx, irx, tx, Duration::from_millis(10)));
+        tokio::spawn(merge(None, crx, irx, tx, Duration::from_millis(10)));
         // The complete lookup is still open: the in-progress provider comes after the grace.
         let got = rx.recv().await.unwrap();
         assert_eq!(got.id, "downloading");

@@ -258,16 +258,16 @@ impl PeerMirror {
         let not_found = |attempts: usize, message: &str| {
             not_found_anywhere(kind, &key, attempts, message, head)
         };
-        // A blob miss is announced as an intent; the election among the nodes that missed it
-        // together runs beside the lookup and is read only if the lookup finds no source.
+        // Other nodes' intents for a blob are looked up beside the lookup of the blob itself,
+        // and read only if that finds no source (see `intent`).
         let election = if kind == Kind::Blob {
-            shared.intents.begin(&shared.router, &key)
+            shared.intents.watch(&shared.router, &key)
         } else {
             None
         };
         // A blob is also looked up among the nodes still downloading it (complete ones first);
         // their grace stays under the race's idle wait so it cannot make the race give up.
-        let lookup = match lookup::lookup(
+        let found = match lookup::lookup(
             &shared.router,
             &key,
             shared.config.resolve_retries.max(1),
@@ -276,15 +276,25 @@ impl PeerMirror {
         )
         .await
         {
-            Ok(rx) => rx,
+            Ok(found) => found,
             Err(e) => {
                 // Still a 404: any other status would not make containerd fall back upstream.
                 warn!(error = %e, "lookup failed");
                 return not_found(0, "could not find peer for");
             }
         };
+        // A possible blob miss is announced as this node's intent. A blob whose provider the
+        // router knew at once is a hit: announcing and withdrawing an intent for it would cost
+        // every node two notices for nothing.
+        let election = election.filter(|_| !found.known_at_once);
+        if election.is_some() {
+            shared.intents.announce(&shared.router, &key);
+        }
+        let (lookup, lookup_started) = (found.rx, found.started);
         // Ranges and HEADs cannot be verified, but skip the copies already known bad too.
-        let mut pool = Pool::new(key.clone(), lookup).excluding(shared.bad_peers.bad_for(&key));
+        let mut pool = Pool::new(key.clone(), lookup)
+            .since(lookup_started)
+            .excluding(shared.bad_peers.bad_for(&key));
         let spec = FetchSpec {
             path: request.path.clone(),
             head,

@@ -82,6 +82,13 @@ impl Pool {
         }
     }
 
+    /// Times the resolve (`spegel_resolve_duration_seconds`) from `started`, when the lookup
+    /// was asked of the router, instead of from this pool's creation.
+    pub fn since(mut self, started: Instant) -> Self {
+        self.started = started;
+        self
+    }
+
     /// Never asks the providers in `peers` (by id), whatever the lookup delivers.
     pub fn excluding(mut self, peers: HashSet<String>) -> Self {
         self.excluded = peers;

@@ -54,6 +54,8 @@ pub trait Router: Send + Sync + 'static {
     /// Stops providing keys.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RoutingError>;
     /// Streams up to `count` providers of `key` (never self); closes when the lookup ends.
+    /// Providers the router already knows and can reach are in the channel when it is handed
+    /// over (the mirror tells a hit known at once from a lookup still running by this).
     async fn lookup(
         &self,
         key: &str,

@@ -602,7 +602,6 @@ impl EventLoop {
                         pending: HashMap::new(),
                     },
                 );
-                let _ = reply.send(rx);
                 let now = std::time::Instant::now();
                 let local: Vec<PeerId> = kad::store::RecordStore::providers(
                     self.swarm.behaviour_mut().kad.store_mut(),
@@ -628,6 +627,9 @@ impl EventLoop {
                     }
                 }
                 self.maybe_close(id);
+                // Only now: providers known and connected are in the channel when the caller
+                // gets it, so it can tell a hit known at once from one still being looked up.
+                let _ = reply.send(rx);
             }
             Command::Dial(addrs) => {
                 let own: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();

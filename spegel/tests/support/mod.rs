@@ -174,6 +174,8 @@ pub struct FakeRouter {
     pub lookups: Mutex<Vec<(String, usize)>>,
     /// Deliver providers only after this long (a DHT whose peers are far away).
     pub delay: Option<Duration>,
+    /// Keys advertised through this router, in order.
+    pub advertised: Mutex<Vec<String>>,
 }
 
 impl FakeRouter {
@@ -203,7 +205,8 @@ impl Router for FakeRouter {
     fn ready(&self) -> bool {
         true
     }
-    async fn advertise(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RoutingError> {
+        self.advertised.lock().unwrap().extend(keys);
         Ok(())
     }
     async fn withdraw(&self, _keys: Vec<String>) -> Result<(), RoutingError> {
