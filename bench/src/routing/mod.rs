@@ -538,7 +538,16 @@ impl Sim {
             if ok == total {
                 return Ok((rounds, start.elapsed().as_secs_f64()));
             }
-            eprintln!("  round {rounds}: {ok}/{total} found");
+            // Where a slow convergence stands: keys still waiting for their first provide.
+            let unprovided = self
+                .host
+                .stats()
+                .await
+                .map_or_else(|e| format!("unknown ({e:#})"), |s| s.unprovided.to_string());
+            eprintln!(
+                "  round {rounds} ({:.0} s): {ok}/{total} found, keys not yet provided: {unprovided}",
+                start.elapsed().as_secs_f64()
+            );
             anyhow::ensure!(
                 start.elapsed() < limit,
                 "not converged in {limit:?}: {ok}/{total}"

@@ -241,17 +241,32 @@ where
     serve_with(input, output, IDLE_LIMIT, MAX_LINE).await
 }
 
-/// [`serve`] on this process's stdin and stdout, which must be pipes (the coordinator's).
-/// They are read and written through the reactor: tokio's `stdin()` would park a blocking
-/// thread in `read` that outlives the loop (and needs a tokio feature the workspace lacks).
+/// [`serve`] on this process's stdin and stdout. Pipes (as the coordinator gives) are read
+/// and written through the reactor: tokio's `stdin()` would park a blocking thread in `read`
+/// that outlives the loop (and needs a tokio feature the workspace lacks). Anything else (a
+/// file, by hand) goes through tokio's file wrapper.
 pub async fn serve_stdio() -> anyhow::Result<()> {
     use std::os::fd::AsFd as _;
     use tokio::net::unix::pipe;
     let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
     let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
-    let input = pipe::Receiver::from_owned_fd(stdin).context("stdin must be a pipe")?;
-    let output = pipe::Sender::from_owned_fd(stdout).context("stdout must be a pipe")?;
+    let input: Box<dyn AsyncRead + Unpin> = match is_fifo(&stdin) {
+        true => Box::new(pipe::Receiver::from_owned_fd(stdin)?),
+        false => Box::new(tokio::fs::File::from_std(std::fs::File::from(stdin))),
+    };
+    let output: Box<dyn AsyncWrite + Unpin> = match is_fifo(&stdout) {
+        true => Box::new(pipe::Sender::from_owned_fd(stdout)?),
+        false => Box::new(tokio::fs::File::from_std(std::fs::File::from(stdout))),
+    };
     serve(input, output).await
+}
+
+fn is_fifo(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    fd.try_clone()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.file_type().is_fifo())
 }
 
 async fn serve_with<R, W>(
