@@ -3,12 +3,12 @@
 //! bootstrapped from three live peers each. Asserts 100 % lookup success for live providers,
 //! no leaver returned after a graceful leave, no crashed node returned once its (short) TTL has
 //! passed, and every key still found after the first records expired (re-provided).
-//! Bounded waits only, no timing thresholds.
+//! Bounded waits only, no timing thresholds. Every router runs in the test's process (no
+//! worker processes).
 
 use std::{collections::HashSet, time::Duration};
 
 use bench::routing::{Sim, SimConfig};
-use spegel::routing::Router as _;
 
 /// The tests run one at a time: each cluster alone keeps both cores busy.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -35,7 +35,7 @@ async fn sixty_routers() {
     sim.converge(Duration::from_secs(120)).await.unwrap();
 
     // A fresh full round: every sampled key of a live provider is found.
-    let (total, ok, stale, _) = sim.sample_round(5, Duration::ZERO).await;
+    let (total, ok, stale, _) = sim.sample_round(5, Duration::ZERO).await.unwrap();
     assert!(total >= NODES * 5, "sampled {total}");
     assert_eq!(ok, total, "lookups of live providers' keys");
     assert_eq!(stale, 0);
@@ -44,7 +44,7 @@ async fn sixty_routers() {
     let jobs = (0..sim.nodes.len())
         .map(|i| (i, format!("sha256:{:064x}", i + 1), 3))
         .collect();
-    for (_, key, l) in sim.lookups(jobs, 8).await {
+    for (_, key, l) in sim.lookups(jobs, 8).await.unwrap() {
         assert!(l.providers.is_empty(), "{key} has no provider");
     }
 
@@ -53,9 +53,9 @@ async fn sixty_routers() {
     let mut left_keys = vec![];
     for i in sim.pick(5) {
         left_keys.extend(sim.nodes[i].unique.iter().take(3).cloned());
-        left.insert(sim.leave(i).await);
+        left.insert(sim.leave(i).await.unwrap());
     }
-    let (n, stale) = sim.count_stale(&left_keys, &left, 5).await;
+    let (n, stale) = sim.count_stale(&left_keys, &left, 5).await.unwrap();
     assert_eq!(n, left_keys.len() * 5);
     assert_eq!(stale, 0, "lookups returning a node that left");
 
@@ -64,10 +64,10 @@ async fn sixty_routers() {
     let mut crashed_keys = vec![];
     for i in sim.pick(5) {
         crashed_keys.extend(sim.nodes[i].unique.iter().take(3).cloned());
-        crashed.insert(sim.crash(i));
+        crashed.insert(sim.crash(i).await.unwrap());
     }
     tokio::time::sleep(ttl + Duration::from_secs(1)).await;
-    let (n, stale) = sim.count_stale(&crashed_keys, &crashed, 5).await;
+    let (n, stale) = sim.count_stale(&crashed_keys, &crashed, 5).await.unwrap();
     assert_eq!(n, crashed_keys.len() * 5);
     assert_eq!(stale, 0, "lookups returning a crashed node after its TTL");
 
@@ -76,7 +76,7 @@ async fn sixty_routers() {
     if let Some(rest) = (ttl + ttl / 2).checked_sub(advertised.elapsed()) {
         tokio::time::sleep(rest).await;
     }
-    let (total, ok, stale, _) = sim.sample_round(3, Duration::ZERO).await;
+    let (total, ok, stale, _) = sim.sample_round(3, Duration::ZERO).await.unwrap();
     assert_eq!(ok, total, "lookups after leave and crash");
     assert_eq!(stale, 0);
 }
@@ -97,13 +97,13 @@ async fn small_cluster_answers_from_the_local_store() {
     // of misses from every node runs no DHT query.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, queries) = sim.answer_counts();
+        let (_, queries) = sim.answer_counts().await.unwrap();
         let jobs = (0..sim.nodes.len())
             .map(|i| (i, format!("sha256:{:064x}", i + 1000), 3))
             .collect();
-        let results = sim.lookups(jobs, 4).await;
+        let results = sim.lookups(jobs, 4).await.unwrap();
         assert!(results.iter().all(|(_, _, l)| l.providers.is_empty()));
-        if sim.answer_counts().1 == queries {
+        if sim.answer_counts().await.unwrap().1 == queries {
             break;
         }
         assert!(
@@ -113,25 +113,21 @@ async fn small_cluster_answers_from_the_local_store() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Hits are answered locally too, and complete.
-    let (local, queries) = sim.answer_counts();
-    let (total, ok, _, _) = sim.sample_round(5, Duration::ZERO).await;
+    let (local, queries) = sim.answer_counts().await.unwrap();
+    let (total, ok, _, _) = sim.sample_round(5, Duration::ZERO).await.unwrap();
     assert_eq!(ok, total);
-    let (local_after, queries_after) = sim.answer_counts();
+    let (local_after, queries_after) = sim.answer_counts().await.unwrap();
     assert_eq!(queries_after, queries, "no DHT query for hits");
     assert!(local_after > local);
 
     // A new advertisement reaches every node's store by notice: found without a DHT query.
     let key = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
-    sim.nodes[0]
-        .router
-        .advertise(vec![key.to_string()])
-        .await
-        .unwrap();
+    sim.advertise(0, vec![key.to_string()]).await.unwrap();
     let id = sim.nodes[0].id();
     for i in 1..sim.nodes.len() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let l = Sim::lookup(&sim.nodes[i].router, key, 1).await;
+            let l = sim.lookup_from(i, key, 1).await.unwrap();
             if l.providers == vec![id.clone()] {
                 break;
             }
@@ -142,17 +138,15 @@ async fn small_cluster_answers_from_the_local_store() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    assert_eq!(sim.answer_counts().1, queries_after);
+    assert_eq!(sim.answer_counts().await.unwrap().1, queries_after);
 
     // Withdraw and leave still apply to local answers.
-    sim.nodes[0]
-        .router
-        .withdraw(vec![key.to_string()])
-        .await
-        .unwrap();
+    sim.withdraw(0, vec![key.to_string()]).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !Sim::lookup(&sim.nodes[1].router, key, 1)
+    while !sim
+        .lookup_from(1, key, 1)
         .await
+        .unwrap()
         .providers
         .is_empty()
     {
@@ -163,7 +157,10 @@ async fn small_cluster_answers_from_the_local_store() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let unique = sim.nodes[2].unique[0].clone();
-    let gone = sim.leave(2).await;
-    let (_, stale) = sim.count_stale(&[unique], &HashSet::from([gone]), 5).await;
+    let gone = sim.leave(2).await.unwrap();
+    let (_, stale) = sim
+        .count_stale(&[unique], &HashSet::from([gone]), 5)
+        .await
+        .unwrap();
     assert_eq!(stale, 0);
 }

@@ -128,8 +128,9 @@ enum Bench {
         #[arg(long, default_value = "target/bench/p2p")]
         output: PathBuf,
     },
-    /// Routing at scale: in-process routers on loopback (convergence, lookups, leave, crash,
-    /// churn) at each size, every size in its own process (so memory figures stay apart).
+    /// Routing at scale: routers on loopback (convergence, lookups, leave, crash, churn) at
+    /// each size, every size in its own process (so memory figures stay apart), its routers in
+    /// that process or spread over worker processes.
     Routing {
         /// Cluster sizes; the last one gets the full table, all of them the growth table.
         #[arg(long, value_delimiter = ',', default_value = "10,100,300")]
@@ -150,12 +151,24 @@ enum Bench {
         /// day; 300 routers doing so exceed one process's file descriptors).
         #[arg(long, default_value_t = 10)]
         idle_timeout_s: u64,
+        /// Worker processes hosting the routers (file descriptors are per process; 0 runs
+        /// them all in one). Default: 0 up to 100 nodes, else one per 80 nodes.
+        #[arg(long)]
+        workers: Option<usize>,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/routing")]
         output: PathBuf,
         /// Run one size in this process and write its JSON report here (used internally).
         #[arg(long, hide = true)]
         one: Option<PathBuf>,
+    },
+    /// A worker process of `bench routing`: hosts routers, obeys JSON commands on stdin
+    /// (internal).
+    #[command(hide = true)]
+    RoutingWorker {
+        /// Its number, for logs.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
     },
     /// The original's cluster benchmark: every node pulls a new image at once ("create"), then a
     /// rolling update in 20 % batches ("update"), with no mirror, with spegel and with a central
@@ -268,9 +281,14 @@ chart: {}",
             window_s,
             churn_s,
             idle_timeout_s,
+            workers,
             output,
             one,
         } => {
+            // A worker holds at most about 80 routers: one process with both ends of each
+            // connection to its peers stays well under the 20,000-descriptor hard limit.
+            let workers =
+                |nodes: usize| workers.unwrap_or(if nodes <= 100 { 0 } else { nodes.div_ceil(80) });
             let config = |nodes: usize| {
                 let mut c = bench::routing::SimConfig::bench(nodes);
                 c.images_per_node = images.max(1);
@@ -278,6 +296,7 @@ chart: {}",
                 c.window = Duration::from_secs(window_s);
                 c.churn = Duration::from_secs(churn_s);
                 c.idle_timeout = Duration::from_secs(idle_timeout_s.max(1));
+                c.workers = workers(nodes);
                 c
             };
             if let Some(path) = one {
@@ -306,6 +325,7 @@ chart: {}",
                     .args(["--window-s", &window_s.to_string()])
                     .args(["--churn-s", &churn_s.to_string()])
                     .args(["--idle-timeout-s", &idle_timeout_s.to_string()])
+                    .args(["--workers", &workers(nodes).to_string()])
                     .arg("--one")
                     .arg(&path)
                     .status()?;
@@ -317,6 +337,16 @@ chart: {}",
             let table = bench::routing::table(&reports);
             std::fs::write(output.join("routing.md"), &table)?;
             println!("{table}");
+        }
+        Bench::RoutingWorker { index } => {
+            bench::routing::raise_fd_limit();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            eprintln!("routing worker {index}: pid {}", std::process::id());
+            runtime.block_on(bench::routing::worker::serve_stdio())?;
+            eprintln!("routing worker {index}: done");
         }
         Bench::Load {
             clients,

@@ -1,23 +1,27 @@
-//! `bench routing`: hundreds of in-process routers (the real [`P2pRouter`]) on loopback TCP,
-//! each on its own 127.77.x.y address, bootstrapped DNS-style from three live peers, each
-//! advertising a realistic key set. Measures convergence, lookup success and latency, memory,
-//! withdraw on leave and crash, churn, and the per-node cost (CPU, DHT messages).
+//! `bench routing`: hundreds of routers (the real [`P2pRouter`]) on loopback TCP, each on its
+//! own 127.77.x.y address, bootstrapped DNS-style from three live peers, each advertising a
+//! realistic key set. Measures convergence, lookup success and latency, memory, withdraw on
+//! leave and crash, churn, and the per-node cost (CPU, DHT messages).
 //!
-//! Also used by the CI scale test (`spegel/tests/routing_scale.rs`) with a smaller cluster.
+//! The routers run in this process or spread over worker processes ([`host`], [`worker`]):
+//! one process cannot hold the sockets of 300 routers. Also used, in-process, by the CI scale
+//! test (`spegel/tests/routing_scale.rs`) with a smaller cluster.
+
+pub mod host;
+pub mod worker;
 
 use std::{
     collections::HashSet,
     net::Ipv4Addr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use rand::{Rng, seq::IndexedRandom};
-use spegel::routing::{Bootstrapper, P2pConfig, P2pRouter, Router};
-use tokio::sync::Semaphore;
+use spegel::routing::{P2pRouter, Router};
 
 use crate::stats;
+use host::{Host, LookupJob, StartSpec};
 
 /// Keys per image: tag, index, manifest, config and six layers.
 pub const KEYS_PER_IMAGE: usize = 10;
@@ -52,6 +56,9 @@ pub struct SimConfig {
     /// (both ends of every connection are here): 300 routers that keep every connection, as
     /// the daemon does, do not fit in 20,000 descriptors.
     pub idle_timeout: Duration,
+    /// Worker processes hosting the routers (node `n` in worker `n % workers`); 0 runs every
+    /// router in this process. Workers are this executable, which must be `bench`.
+    pub workers: usize,
 }
 
 impl SimConfig {
@@ -69,6 +76,7 @@ impl SimConfig {
             churn_per_minute: 0.10,
             converge_limit: Duration::from_secs(300),
             idle_timeout: spegel::routing::IDLE_CONNECTION_TIMEOUT,
+            workers: 0,
         }
     }
 }
@@ -86,6 +94,9 @@ pub struct SimReport {
     /// Idle connection timeout, seconds.
     #[serde(default)]
     pub idle_timeout_s: f64,
+    /// Worker processes the routers ran in (0: all in the coordinator).
+    #[serde(default)]
+    pub workers: usize,
     /// Seconds from the first router's start to the last one's.
     pub start_s: f64,
     /// Seconds from the last start until a full sampled round found every key.
@@ -110,9 +121,10 @@ pub struct SimReport {
     pub miss_p99_ms: f64,
     /// Share of lookups answered from the local store.
     pub local_answer_share: f64,
-    /// RSS growth per router, KiB.
+    /// RSS per router, KiB: in-process the growth over the empty process, with workers their
+    /// summed RSS (nothing subtracted).
     pub rss_per_router_kib: f64,
-    /// Steady window: CPU ms per node per minute.
+    /// Steady window: CPU ms per node per minute (with workers, theirs alone).
     pub cpu_ms_per_node_min: f64,
     /// Steady window: DHT messages (Kademlia requests and notices) per node per minute.
     pub msgs_per_node_min: f64,
@@ -146,11 +158,11 @@ pub struct SimReport {
     pub churn_findable_max_s: f64,
 }
 
-/// One simulated node.
+/// One simulated node (its router runs in the [`Host`]).
 pub struct SimNode {
-    /// Its router handle.
-    pub router: P2pRouter,
-    task: tokio::task::JoinHandle<()>,
+    /// Node number, unique over the run (its address and worker follow from it).
+    pub n: usize,
+    id: String,
     addr: String,
     /// Every key it advertises.
     pub keys: Vec<String>,
@@ -162,7 +174,7 @@ pub struct SimNode {
 impl SimNode {
     /// Its peer ID.
     pub fn id(&self) -> String {
-        self.router.local_peer_id()
+        self.id.clone()
     }
 }
 
@@ -174,12 +186,13 @@ pub struct Sim {
     pub nodes: Vec<SimNode>,
     /// Peer IDs of nodes that left or crashed.
     pub dead: HashSet<String>,
+    host: Host,
     next: usize,
     port: u16,
 }
 
 /// The outcome of one lookup.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Lookup {
     /// Providers returned (peer IDs).
     pub providers: Vec<String>,
@@ -246,12 +259,15 @@ fn image_keys(name: &str) -> Vec<String> {
 
 impl Sim {
     /// An empty cluster; every node listens on the same router port, on its own address.
+    /// With `config.workers` set, starts the worker processes (needs a tokio runtime).
     pub fn new(config: SimConfig) -> anyhow::Result<Self> {
         raise_fd_limit();
+        let host = Host::new(config.workers)?;
         Ok(Sim {
             config,
             nodes: vec![],
             dead: HashSet::new(),
+            host,
             next: 0,
             port: crate::process::free_port()?,
         })
@@ -262,29 +278,24 @@ impl Sim {
         self.config.images_per_node * KEYS_PER_IMAGE
     }
 
+    /// Worker processes hosting the routers (0: this process).
+    pub fn workers(&self) -> usize {
+        self.host.workers()
+    }
+
     /// Starts one node (bootstrapped from up to three random live nodes) and advertises its
     /// keys at once, as the daemon does after its first containerd scan.
     pub async fn add_node(&mut self) -> anyhow::Result<()> {
         let n = self.next;
         self.next += 1;
         let ip = Ipv4Addr::new(127, 77, (n / 250) as u8, (n % 250 + 1) as u8);
-        let seeds: Vec<libp2p::Multiaddr> = {
+        let seeds: Vec<String> = {
             let mut rng = rand::rng();
             self.nodes
                 .choose_multiple(&mut rng, SEEDS)
-                .map(|s| format!("{}/p2p/{}", s.addr, s.id()).parse())
-                .collect::<Result<_, _>>()?
+                .map(|s| format!("{}/p2p/{}", s.addr, s.id))
+                .collect()
         };
-        let (router, task) = P2pRouter::start(P2pConfig {
-            router_addr: format!("{ip}:{}", self.port),
-            registry_port: REGISTRY_PORT,
-            data_dir: String::new(),
-            advertise_ttl: self.config.ttl,
-            bootstrap: (!seeds.is_empty()).then_some(Bootstrapper::Static(seeds)),
-            idle_connection_timeout: self.config.idle_timeout,
-        })
-        .await
-        .with_context(|| format!("router {n}"))?;
         let unique_images = (self.config.images_per_node / 6).max(1);
         let mut keys = vec![];
         let mut unique = vec![];
@@ -300,11 +311,22 @@ impl Sim {
                 keys.extend(image_keys(&format!("pool{i}")));
             }
         }
-        router.advertise(keys.clone()).await?;
+        let (id, addr) = self
+            .host
+            .start(StartSpec {
+                node: n,
+                listen: format!("{ip}:{}", self.port),
+                ttl: self.config.ttl,
+                idle_timeout: self.config.idle_timeout,
+                seeds,
+                keys: keys.clone(),
+            })
+            .await
+            .with_context(|| format!("router {n}"))?;
         self.nodes.push(SimNode {
-            router,
-            task,
-            addr: format!("/ip4/{ip}/tcp/{}", self.port),
+            n,
+            id,
+            addr,
             keys,
             unique,
             started: Instant::now(),
@@ -312,38 +334,57 @@ impl Sim {
         Ok(())
     }
 
-    /// Stops node `i` gracefully (leave notice) and forgets it.
-    pub async fn leave(&mut self, i: usize) -> String {
-        let node = self.nodes.swap_remove(i);
-        node.router.shutdown().await;
-        let id = node.id();
-        self.dead.insert(id.clone());
-        id
+    /// Advertises more keys on node `i` (they join its key set).
+    pub async fn advertise(&mut self, i: usize, keys: Vec<String>) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(i).context("no such node")?;
+        self.host.advertise(node.n, keys.clone()).await?;
+        node.keys.extend(keys);
+        Ok(())
     }
 
-    /// Kills node `i` without a word (its sockets close, as when a process is killed).
-    pub fn crash(&mut self, i: usize) -> String {
-        let node = self.nodes.swap_remove(i);
-        node.task.abort();
-        let id = node.id();
-        self.dead.insert(id.clone());
-        id
+    /// Withdraws keys on node `i` (they leave its key set).
+    pub async fn withdraw(&mut self, i: usize, keys: Vec<String>) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(i).context("no such node")?;
+        self.host.withdraw(node.n, keys.clone()).await?;
+        node.keys.retain(|k| !keys.contains(k));
+        Ok(())
     }
 
-    /// Looks `key` up from node `from`, collecting every provider (bounded wait).
+    /// Stops node `i` gracefully (leave notice) and forgets it; its peer ID.
+    pub async fn leave(&mut self, i: usize) -> anyhow::Result<String> {
+        anyhow::ensure!(i < self.nodes.len(), "no node {i}");
+        let node = self.nodes.swap_remove(i);
+        // Dead from here on even if the host failed: it is no longer a live provider.
+        self.dead.insert(node.id.clone());
+        self.host.leave(node.n).await?;
+        Ok(node.id)
+    }
+
+    /// Kills node `i` without a word (its sockets close, as when a process is killed); its
+    /// peer ID.
+    pub async fn crash(&mut self, i: usize) -> anyhow::Result<String> {
+        anyhow::ensure!(i < self.nodes.len(), "no node {i}");
+        let node = self.nodes.swap_remove(i);
+        self.dead.insert(node.id.clone());
+        self.host.crash(node.n).await?;
+        Ok(node.id)
+    }
+
+    /// Looks `key` up on `router`, collecting every provider (bounded wait).
     pub async fn lookup(router: &P2pRouter, key: &str, count: usize) -> Lookup {
         let start = Instant::now();
         let mut providers = vec![];
         let mut first = None;
-        if let Ok(mut rx) = router.lookup(key, count).await {
-            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        // The whole lookup is bounded, the call into the router's event loop too.
+        let _ = tokio::time::timeout(host::LOOKUP_LIMIT, async {
+            if let Ok(mut rx) = router.lookup(key, count).await {
                 while let Some(p) = rx.recv().await {
                     first.get_or_insert_with(|| start.elapsed());
                     providers.push(p.id);
                 }
-            })
-            .await;
-        }
+            }
+        })
+        .await;
         Lookup {
             providers,
             first,
@@ -351,30 +392,39 @@ impl Sim {
         }
     }
 
+    /// Looks `key` up from node `i`.
+    pub async fn lookup_from(&self, i: usize, key: &str, count: usize) -> anyhow::Result<Lookup> {
+        let mut out = self.lookups(vec![(i, key.to_string(), count)], 1).await?;
+        out.pop().map(|(_, _, l)| l).context("no lookup result")
+    }
+
     /// Runs `jobs` lookups (from node index, key, count) with at most `parallel` in flight.
     pub async fn lookups(
         &self,
         jobs: Vec<(usize, String, usize)>,
         parallel: usize,
-    ) -> Vec<(usize, String, Lookup)> {
-        let limit = Arc::new(Semaphore::new(parallel.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for (from, key, count) in jobs {
-            let router = self.nodes[from].router.clone();
-            let limit = limit.clone();
-            set.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let l = Sim::lookup(&router, &key, count).await;
-                (from, key, l)
-            });
-        }
-        let mut out = vec![];
-        while let Some(r) = set.join_next().await {
-            if let Ok(r) = r {
-                out.push(r);
-            }
-        }
-        out
+    ) -> anyhow::Result<Vec<(usize, String, Lookup)>> {
+        let host_jobs = jobs
+            .iter()
+            .map(|(from, key, count)| {
+                let node = self
+                    .nodes
+                    .get(*from)
+                    .with_context(|| format!("no node {from}"))?;
+                Ok(LookupJob {
+                    node: node.n,
+                    key: key.clone(),
+                    count: *count,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let results = self.host.lookups(host_jobs, parallel).await?;
+        anyhow::ensure!(results.len() == jobs.len(), "lookups lost");
+        Ok(jobs
+            .into_iter()
+            .zip(results)
+            .map(|((from, key, _), l)| (from, key, l))
+            .collect())
     }
 
     /// For every node, `per_node` lookups of a unique key of a random other node (whose ID
@@ -384,7 +434,7 @@ impl Sim {
         &self,
         per_node: usize,
         min_age: Duration,
-    ) -> (usize, usize, usize, Vec<Lookup>) {
+    ) -> anyhow::Result<(usize, usize, usize, Vec<Lookup>)> {
         let mut jobs = vec![];
         let mut expect: std::collections::HashMap<(usize, String), Vec<String>> =
             Default::default();
@@ -416,7 +466,7 @@ impl Sim {
                 }
             }
         }
-        let results = self.lookups(jobs, 16).await;
+        let results = self.lookups(jobs, 16).await?;
         let (mut ok, mut stale) = (0, 0);
         let total = results.len();
         let mut out = vec![];
@@ -430,32 +480,30 @@ impl Sim {
             }
             out.push(l);
         }
-        (total, ok, stale, out)
+        Ok((total, ok, stale, out))
+    }
+
+    /// Resource use of the router processes and the live routers' summed counters.
+    pub async fn host_stats(&self) -> anyhow::Result<host::HostStats> {
+        self.host.stats().await
     }
 
     /// Kademlia requests and notices handled by live nodes, summed.
-    pub fn messages(&self) -> u64 {
-        self.nodes
-            .iter()
-            .map(|n| {
-                let s = n.router.stats();
-                s.kad_requests + s.notices
-            })
-            .sum()
+    pub async fn messages(&self) -> anyhow::Result<u64> {
+        let s = self.host.stats().await?;
+        Ok(s.kad_requests + s.notices)
     }
 
     /// Lookups answered locally and by DHT query, summed over live nodes.
-    pub fn answer_counts(&self) -> (u64, u64) {
-        self.nodes.iter().fold((0, 0), |(l, q), n| {
-            let s = n.router.stats();
-            (l + s.local_answers, q + s.dht_queries)
-        })
+    pub async fn answer_counts(&self) -> anyhow::Result<(u64, u64)> {
+        let s = self.host.stats().await?;
+        Ok((s.local_answers, s.dht_queries))
     }
 
     /// Waits (bounded) until every live node is ready.
     pub async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
-        while !self.nodes.iter().all(|n| n.router.ready()) {
+        while !self.host.ready().await? {
             anyhow::ensure!(Instant::now() < deadline, "routers not ready in {limit:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -466,13 +514,15 @@ impl Sim {
     pub async fn wait_provided(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
-            let pending: u64 = self.nodes.iter().map(|n| n.router.stats().unprovided).sum();
-            if pending == 0 {
+            let s = self.host.stats().await?;
+            if s.unprovided == 0 {
                 return Ok(());
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{pending} keys not yet provided after {limit:?}"
+                "{} keys not yet provided after {limit:?} (node, keys): {:?}",
+                s.unprovided,
+                &s.unprovided_by_node[..s.unprovided_by_node.len().min(10)]
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -484,11 +534,20 @@ impl Sim {
         let mut rounds = 0;
         loop {
             rounds += 1;
-            let (total, ok, _, _) = self.sample_round(5, Duration::ZERO).await;
+            let (total, ok, _, _) = self.sample_round(5, Duration::ZERO).await?;
             if ok == total {
                 return Ok((rounds, start.elapsed().as_secs_f64()));
             }
-            eprintln!("  round {rounds}: {ok}/{total} found");
+            // Where a slow convergence stands: keys still waiting for their first provide.
+            let unprovided = self
+                .host
+                .stats()
+                .await
+                .map_or_else(|e| format!("unknown ({e:#})"), |s| s.unprovided.to_string());
+            eprintln!(
+                "  round {rounds} ({:.0} s): {ok}/{total} found, keys not yet provided: {unprovided}",
+                start.elapsed().as_secs_f64()
+            );
             anyhow::ensure!(
                 start.elapsed() < limit,
                 "not converged in {limit:?}: {ok}/{total}"
@@ -514,35 +573,61 @@ impl Sim {
         keys: &[String],
         gone: &HashSet<String>,
         probes: usize,
-    ) -> (usize, usize) {
+    ) -> anyhow::Result<(usize, usize)> {
         let mut jobs = vec![];
-        let mut rng = rand::rng();
-        let all: Vec<usize> = (0..self.nodes.len()).collect();
-        for key in keys {
-            for &from in all.choose_multiple(&mut rng, probes) {
-                jobs.push((from, key.clone(), 3));
+        {
+            let mut rng = rand::rng();
+            let all: Vec<usize> = (0..self.nodes.len()).collect();
+            for key in keys {
+                for &from in all.choose_multiple(&mut rng, probes) {
+                    jobs.push((from, key.clone(), 3));
+                }
             }
         }
-        let results = self.lookups(jobs, 16).await;
+        let results = self.lookups(jobs, 16).await?;
         let stale = results
             .iter()
             .filter(|(_, _, l)| l.providers.iter().any(|p| gone.contains(p)))
             .count();
-        (results.len(), stale)
+        Ok((results.len(), stale))
+    }
+
+    /// Stops every router, and the worker processes (bounded).
+    pub async fn shutdown(mut self) {
+        self.nodes.clear();
+        let host = std::mem::replace(&mut self.host, Host::Local(Default::default()));
+        host.shutdown().await;
     }
 }
 
 /// Runs the whole simulation.
 pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
+    // The process's own memory before any router; with workers their whole RSS counts.
+    let rss0 = if config.workers == 0 { rss_kib() } else { 0.0 };
     let mut sim = Sim::new(config.clone())?;
     let mut report = SimReport {
         nodes: config.nodes,
         keys_per_node: sim.keys_per_node(),
         ttl_s: config.ttl.as_secs_f64(),
         idle_timeout_s: config.idle_timeout.as_secs_f64(),
+        workers: sim.workers(),
         ..Default::default()
     };
-    let rss0 = rss_kib();
+    let result = measure(&mut sim, &config, &mut report, rss0).await;
+    // Workers are killed on drop anyway; a clean stop lets them exit on their own first.
+    sim.shutdown().await;
+    result.map(|()| report)
+}
+
+async fn measure(
+    sim: &mut Sim,
+    config: &SimConfig,
+    report: &mut SimReport,
+    rss0: f64,
+) -> anyhow::Result<()> {
+    if config.workers > 0 {
+        eprintln!("{} worker processes", config.workers);
+    }
     eprintln!("starting {} routers", config.nodes);
     let t0 = Instant::now();
     for _ in 0..config.nodes {
@@ -556,15 +641,16 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
     report.converge_s = secs;
     // Let the provide queues drain before measuring steady figures.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    report.rss_per_router_kib = (rss_kib() - rss0) / config.nodes as f64;
-    report.startup_msgs_per_node = sim.messages() as f64 / config.nodes as f64;
+    let s = sim.host_stats().await?;
+    report.rss_per_router_kib = (s.rss_kib - rss0) / config.nodes.max(1) as f64;
+    report.startup_msgs_per_node = (s.kad_requests + s.notices) as f64 / config.nodes as f64;
 
     eprintln!("measuring hits and misses");
-    let (l0, q0) = sim.answer_counts();
+    let (l0, q0) = sim.answer_counts().await?;
     let mut hits = vec![];
     let mut misses = vec![];
     for _ in 0..config.lookups_per_node.div_ceil(5) {
-        let (total, ok, _, results) = sim.sample_round(4, Duration::ZERO).await;
+        let (total, ok, _, results) = sim.sample_round(4, Duration::ZERO).await?;
         report.hit_lookups += total;
         report.hit_found += ok;
         hits.extend(results.iter().filter_map(|l| l.first).map(ms));
@@ -572,14 +658,14 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
     let miss_jobs: Vec<(usize, String, usize)> = (0..sim.nodes.len())
         .flat_map(|i| (0..3).map(move |j| (i, format!("sha256:{:064x}", i * 7919 + j + 1), 3)))
         .collect();
-    for (_, _, l) in sim.lookups(miss_jobs, 4).await {
+    for (_, _, l) in sim.lookups(miss_jobs, 4).await? {
         report.miss_lookups += 1;
         if !l.providers.is_empty() {
             report.miss_false += 1;
         }
         misses.push(ms(l.closed));
     }
-    let (l1, q1) = sim.answer_counts();
+    let (l1, q1) = sim.answer_counts().await?;
     let answered = (l1 - l0 + q1 - q0).max(1) as f64;
     report.local_answer_share = (l1 - l0) as f64 / answered;
     report.hit_p50_ms = stats::percentile(&hits, 50.0);
@@ -589,17 +675,20 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
 
     if !config.window.is_zero() {
         eprintln!("steady window {:?}", config.window);
-        let (cpu0, m0, start) = (cpu_seconds(), sim.messages(), Instant::now());
+        let s0 = sim.host_stats().await?;
+        let start = Instant::now();
         // A light pull load: every node looks up one key of another node every 10 s.
         while start.elapsed() < config.window {
-            let _ = sim.sample_round(1, Duration::ZERO).await;
+            sim.sample_round(1, Duration::ZERO).await?;
             tokio::time::sleep(Duration::from_secs(10).saturating_sub(Duration::from_millis(1)))
                 .await;
         }
         let minutes = start.elapsed().as_secs_f64() / 60.0;
         let per = config.nodes as f64 * minutes;
-        report.cpu_ms_per_node_min = (cpu_seconds() - cpu0) * 1000.0 / per;
-        report.msgs_per_node_min = (sim.messages() - m0) as f64 / per;
+        let s1 = sim.host_stats().await?;
+        report.cpu_ms_per_node_min = (s1.cpu_s - s0.cpu_s) * 1000.0 / per;
+        let msgs = |s: &host::HostStats| s.kad_requests + s.notices;
+        report.msgs_per_node_min = msgs(&s1).saturating_sub(msgs(&s0)) as f64 / per;
     }
 
     eprintln!("graceful leave");
@@ -608,10 +697,10 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
     let mut gone_keys = vec![];
     for i in sim.pick(count) {
         gone_keys.extend(sim.nodes[i].unique.iter().take(2).cloned());
-        gone.insert(sim.leave(i).await);
+        gone.insert(sim.leave(i).await?);
     }
     report.left = gone.len();
-    let (n, stale) = sim.count_stale(&gone_keys, &gone, 5).await;
+    let (n, stale) = sim.count_stale(&gone_keys, &gone, 5).await?;
     report.leave_lookups = n;
     report.leave_stale = stale;
 
@@ -620,12 +709,12 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
     let mut crashed_keys = vec![];
     for i in sim.pick(count) {
         crashed_keys.extend(sim.nodes[i].unique.iter().take(2).cloned());
-        crashed.insert(sim.crash(i));
+        crashed.insert(sim.crash(i).await?);
     }
     report.crashed = crashed.len();
     let start = Instant::now();
     loop {
-        let (_, stale) = sim.count_stale(&crashed_keys, &crashed, 3).await;
+        let (_, stale) = sim.count_stale(&crashed_keys, &crashed, 3).await?;
         if stale == 0 {
             report.crash_clear_s = start.elapsed().as_secs_f64();
             break;
@@ -636,7 +725,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    report.crash_stale = sim.count_stale(&crashed_keys, &crashed, 5).await.1;
+    report.crash_stale = sim.count_stale(&crashed_keys, &crashed, 5).await?.1;
 
     if !config.churn.is_zero() {
         eprintln!("churn {:?}", config.churn);
@@ -651,9 +740,9 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
             if Instant::now() >= next_replace {
                 let i = sim.pick(1)[0];
                 if crash_next {
-                    sim.crash(i);
+                    sim.crash(i).await?;
                 } else {
-                    sim.leave(i).await;
+                    sim.leave(i).await?;
                 }
                 crash_next = !crash_next;
                 sim.add_node().await?;
@@ -663,18 +752,19 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
                 next_replace += gap;
             }
             // Established providers (up for 10 s or more) must always be found.
-            let (total, ok, stale, _) = sim.sample_round(1, Duration::from_secs(10)).await;
+            let (total, ok, stale, _) = sim.sample_round(1, Duration::from_secs(10)).await?;
             report.churn_lookups += total;
             report.churn_found += ok;
             report.churn_stale += stale;
             // Newcomers: how long until their keys are findable.
+            newcomers.retain(|(id, _, _)| sim.nodes.iter().any(|n| n.id == *id));
+            let jobs = newcomers
+                .iter()
+                .map(|(_, key, _)| (sim.pick(1)[0], key.clone(), 1))
+                .collect();
+            let results = sim.lookups(jobs, 16).await?;
             let mut still = vec![];
-            for (id, key, since) in newcomers.drain(..) {
-                if !sim.nodes.iter().any(|n| n.id() == id) {
-                    continue;
-                }
-                let from = sim.pick(1)[0];
-                let l = Sim::lookup(&sim.nodes[from].router, &key, 1).await;
+            for ((id, key, since), (_, _, l)) in newcomers.drain(..).zip(results) {
                 if l.providers.contains(&id) {
                     findable.push(since.elapsed().as_secs_f64());
                 } else {
@@ -687,10 +777,7 @@ pub async fn run(config: SimConfig) -> anyhow::Result<SimReport> {
         report.churn_findable_p50_s = stats::percentile(&findable, 50.0);
         report.churn_findable_max_s = findable.iter().copied().fold(0.0, f64::max);
     }
-    for node in sim.nodes.drain(..) {
-        node.task.abort();
-    }
-    Ok(report)
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -712,6 +799,10 @@ pub fn table(reports: &[SimReport]) -> String {
     ));
     let rows: Vec<(&str, Row)> = vec![
         ("keys per node", Box::new(|r| r.keys_per_node.to_string())),
+        (
+            "worker processes (0: all routers in one)",
+            Box::new(|r| r.workers.to_string()),
+        ),
         (
             "idle connections closed after (s)",
             Box::new(|r| format!("{:.0}", r.idle_timeout_s)),
