@@ -147,14 +147,18 @@ enum Bench {
         /// Churn phase, seconds (10 % of the nodes replaced per minute).
         #[arg(long, default_value_t = 60)]
         churn_s: u64,
-        /// Idle connection timeout of the routers, seconds (the daemon keeps connections for a
-        /// day; 300 routers doing so exceed one process's file descriptors).
-        #[arg(long, default_value_t = 10)]
+        /// Idle connection timeout of the routers, seconds: the daemon's day by default. (With
+        /// 10 s, 300 routers on 2 cores spent their CPU on reconnect handshakes and no provide
+        /// completed in 5 minutes.)
+        #[arg(long, default_value_t = 86_400)]
         idle_timeout_s: u64,
         /// Worker processes hosting the routers (file descriptors are per process; 0 runs
-        /// them all in one). Default: 0 up to 100 nodes, else one per 80 nodes.
+        /// them all in one). Default: 0 up to 100 nodes, else one per 40 nodes.
         #[arg(long)]
         workers: Option<usize>,
+        /// Upper bound on the wait until every key is findable, seconds.
+        #[arg(long, default_value_t = 900)]
+        converge_limit_s: u64,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/routing")]
         output: PathBuf,
@@ -282,13 +286,15 @@ chart: {}",
             churn_s,
             idle_timeout_s,
             workers,
+            converge_limit_s,
             output,
             one,
         } => {
-            // A worker holds at most about 80 routers: one process with both ends of each
-            // connection to its peers stays well under the 20,000-descriptor hard limit.
+            // A worker holds at most about 40 routers: with every connection kept (up to one
+            // per other node, about 330 descriptors per router at 300 nodes) it stays under
+            // the 20,000-descriptor hard limit.
             let workers =
-                |nodes: usize| workers.unwrap_or(if nodes <= 100 { 0 } else { nodes.div_ceil(80) });
+                |nodes: usize| workers.unwrap_or(if nodes <= 100 { 0 } else { nodes.div_ceil(40) });
             let config = |nodes: usize| {
                 let mut c = bench::routing::SimConfig::bench(nodes);
                 c.images_per_node = images.max(1);
@@ -297,6 +303,7 @@ chart: {}",
                 c.churn = Duration::from_secs(churn_s);
                 c.idle_timeout = Duration::from_secs(idle_timeout_s.max(1));
                 c.workers = workers(nodes);
+                c.converge_limit = Duration::from_secs(converge_limit_s.max(1));
                 c
             };
             if let Some(path) = one {
@@ -326,6 +333,7 @@ chart: {}",
                     .args(["--churn-s", &churn_s.to_string()])
                     .args(["--idle-timeout-s", &idle_timeout_s.to_string()])
                     .args(["--workers", &workers(nodes).to_string()])
+                    .args(["--converge-limit-s", &converge_limit_s.to_string()])
                     .arg("--one")
                     .arg(&path)
                     .status()?;

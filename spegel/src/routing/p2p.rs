@@ -2,7 +2,7 @@
 //! a cloneable handle that sends it commands and awaits oneshot replies.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
     sync::{
@@ -125,7 +125,9 @@ pub struct P2pRouter {
 #[derive(Default)]
 struct Shared {
     listen: Vec<Multiaddr>,
-    peers: Vec<(String, Vec<String>)>,
+    /// Connected peers and their IPs, kept up to date one peer per event (rebuilding the whole
+    /// list, with every peer ID in base58, on each connection event cost O(peers) per event).
+    peers: BTreeMap<PeerId, Vec<IpAddr>>,
     stats: RouterStats,
 }
 
@@ -323,7 +325,9 @@ impl P2pRouter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .peers
-            .clone()
+            .iter()
+            .map(|(id, ips)| (id.to_string(), ips.iter().map(IpAddr::to_string).collect()))
+            .collect()
     }
 
     /// Work counters since start.
@@ -728,23 +732,28 @@ impl EventLoop {
         }
     }
 
-    fn refresh_shared(&mut self) {
+    fn share_listen(&mut self) {
         let listen: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
-        let peers = self
-            .swarm
-            .connected_peers()
-            .map(|p| {
-                let ips = self
-                    .peers
-                    .get(p)
-                    .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
-                    .unwrap_or_default();
-                (p.to_string(), ips)
-            })
-            .collect();
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).listen = listen;
+    }
+
+    /// Updates `peer`'s entry in the shared snapshot (removed once it is disconnected).
+    fn share_peer(&mut self, peer: PeerId) {
+        let ips = self.swarm.is_connected(&peer).then(|| {
+            self.peers
+                .get(&peer)
+                .map(|i| i.ips.iter().copied().collect::<Vec<_>>())
+                .unwrap_or_default()
+        });
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.listen = listen;
-        shared.peers = peers;
+        match ips {
+            Some(ips) => {
+                shared.peers.insert(peer, ips);
+            }
+            None => {
+                shared.peers.remove(&peer);
+            }
+        }
     }
 
     fn remember(&mut self, peer: PeerId, addr: &Multiaddr) {
@@ -764,14 +773,14 @@ impl EventLoop {
                     info!(%address, "router listening");
                     self.swarm.add_external_address(address);
                 }
-                self.refresh_shared();
+                self.share_listen();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
                 self.remember(peer_id, endpoint.get_remote_address());
                 self.departed.remove(&peer_id);
-                self.refresh_shared();
+                self.share_peer(peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -784,7 +793,7 @@ impl EventLoop {
                     info.sent_sync = false;
                 }
                 self.settle_pending(peer_id, false);
-                self.refresh_shared();
+                self.share_peer(peer_id);
             }
             SwarmEvent::NewExternalAddrOfPeer { peer_id, address } => {
                 self.remember(peer_id, &address)
@@ -824,7 +833,7 @@ impl EventLoop {
                     self.sync_to(peer_id);
                 }
                 self.settle_pending(peer_id, true);
-                self.refresh_shared();
+                self.share_peer(peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
