@@ -290,10 +290,9 @@ impl PeerMirror {
         if election.is_some() {
             shared.intents.announce(&shared.router, &key);
         }
-        let (lookup, lookup_started) = (found.rx, found.started);
         // Ranges and HEADs cannot be verified, but skip the copies already known bad too.
-        let mut pool = Pool::new(key.clone(), lookup)
-            .since(lookup_started)
+        let mut pool = Pool::new(key.clone(), found.rx)
+            .since(found.started)
             .excluding(shared.bad_peers.bad_for(&key));
         let spec = FetchSpec {
             path: request.path.clone(),
