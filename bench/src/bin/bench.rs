@@ -159,6 +159,9 @@ enum Bench {
         /// Upper bound on the wait until every key is findable, seconds.
         #[arg(long, default_value_t = 900)]
         converge_limit_s: u64,
+        /// Hits and misses (each) looked up one at a time, apart from the bursts (0: none).
+        #[arg(long, default_value_t = 200)]
+        solo_lookups: usize,
         /// Where results (JSON, Markdown) are written.
         #[arg(long, default_value = "target/bench/routing")]
         output: PathBuf,
@@ -287,6 +290,7 @@ chart: {}",
             idle_timeout_s,
             workers,
             converge_limit_s,
+            solo_lookups,
             output,
             one,
         } => {
@@ -304,6 +308,7 @@ chart: {}",
                 c.idle_timeout = Duration::from_secs(idle_timeout_s.max(1));
                 c.workers = workers(nodes);
                 c.converge_limit = Duration::from_secs(converge_limit_s.max(1));
+                c.solo_lookups = solo_lookups;
                 c
             };
             if let Some(path) = one {
@@ -334,6 +339,7 @@ chart: {}",
                     .args(["--idle-timeout-s", &idle_timeout_s.to_string()])
                     .args(["--workers", &workers(nodes).to_string()])
                     .args(["--converge-limit-s", &converge_limit_s.to_string()])
+                    .args(["--solo-lookups", &solo_lookups.to_string()])
                     .arg("--one")
                     .arg(&path)
                     .status()?;

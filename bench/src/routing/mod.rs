@@ -44,6 +44,8 @@ pub struct SimConfig {
     pub ttl: Duration,
     /// Lookups of other nodes' keys per node in the hit measurement.
     pub lookups_per_node: usize,
+    /// Hits and misses (each) looked up one at a time; 0 skips that measurement.
+    pub solo_lookups: usize,
     /// Length of the steady-state window (CPU, messages), zero to skip.
     pub window: Duration,
     /// Length of the churn phase, zero to skip.
@@ -71,6 +73,7 @@ impl SimConfig {
             // The daemon's default (`--advertise-ttl 10m`): re-provides run at its real rate.
             ttl: Duration::from_secs(600),
             lookups_per_node: 10,
+            solo_lookups: 200,
             window: Duration::from_secs(60),
             churn: Duration::from_secs(60),
             churn_per_minute: 0.10,
@@ -121,6 +124,33 @@ pub struct SimReport {
     pub miss_p99_ms: f64,
     /// Share of lookups answered from the local store.
     pub local_answer_share: f64,
+    /// One lookup at a time (the rest of the cluster idle but for its background work), so
+    /// the figure is the lookup's own cost rather than queueing behind the other nodes' event
+    /// loops on the shared cores: hits, time to the first provider, ms.
+    #[serde(default)]
+    pub solo_hit_p50_ms: f64,
+    /// See `solo_hit_p50_ms`.
+    #[serde(default)]
+    pub solo_hit_p99_ms: f64,
+    /// See `solo_hit_p50_ms`: misses, time until the answer closes, ms.
+    #[serde(default)]
+    pub solo_miss_p50_ms: f64,
+    /// See `solo_miss_p50_ms`.
+    #[serde(default)]
+    pub solo_miss_p99_ms: f64,
+    /// Lookups one at a time: hits found, and hits and misses run.
+    #[serde(default)]
+    pub solo_hit_found: usize,
+    /// See `solo_hit_found`.
+    #[serde(default)]
+    pub solo_lookups: usize,
+    /// DHT messages received cluster-wide per solo hit and per solo miss (background work in
+    /// the same seconds included): a figure that does not depend on the machine's cores.
+    #[serde(default)]
+    pub solo_hit_msgs: f64,
+    /// See `solo_hit_msgs`.
+    #[serde(default)]
+    pub solo_miss_msgs: f64,
     /// RSS per router, KiB: in-process the growth over the empty process, with workers their
     /// summed RSS (nothing subtracted).
     pub rss_per_router_kib: f64,
@@ -471,9 +501,22 @@ impl Sim {
         let total = results.len();
         let mut out = vec![];
         for (from, key, l) in results {
-            let holders = expect.get(&(from, key)).cloned().unwrap_or_default();
+            let holders = expect
+                .get(&(from, key.clone()))
+                .cloned()
+                .unwrap_or_default();
             if l.providers.iter().any(|p| holders.contains(p)) {
                 ok += 1;
+            } else {
+                // Rare, and each one needs explaining: say who asked for what.
+                eprintln!(
+                    "not found: node {} (up {:.1} s) looked up {key} ({} holders), got {:?} in {:?}",
+                    self.nodes[from].n,
+                    self.nodes[from].started.elapsed().as_secs_f64(),
+                    holders.len(),
+                    l.providers,
+                    l.closed
+                );
             }
             if l.providers.iter().any(|p| self.dead.contains(p)) {
                 stale += 1;
@@ -686,6 +729,7 @@ async fn measure(
     report.hit_p99_ms = stats::percentile(&hits, 99.0);
     report.miss_p50_ms = stats::percentile(&misses, 50.0);
     report.miss_p99_ms = stats::percentile(&misses, 99.0);
+    solo_lookups(sim, config.solo_lookups, report).await?;
 
     if !config.window.is_zero() {
         eprintln!("steady window {:?}", config.window);
@@ -794,6 +838,57 @@ async fn measure(
     Ok(())
 }
 
+/// `count` hits and `count` misses, one lookup in flight at a time, from random nodes.
+async fn solo_lookups(sim: &Sim, count: usize, report: &mut SimReport) -> anyhow::Result<()> {
+    if count == 0 || sim.nodes.len() < 2 {
+        return Ok(());
+    }
+    eprintln!("measuring {count} hits and {count} misses one at a time");
+    let msgs = |s: &host::HostStats| s.kad_requests + s.notices;
+    let (mut hits, mut misses) = (vec![], vec![]);
+    let s0 = sim.host_stats().await?;
+    for k in 0..count {
+        // `pick` returns indices in descending order: alternate which one asks.
+        let picked = sim.pick(2);
+        let (from, target) = if k % 2 == 0 {
+            (picked[0], picked[1])
+        } else {
+            (picked[1], picked[0])
+        };
+        let node = &sim.nodes[target];
+        let key = node.unique[k % node.unique.len()].clone();
+        let l = sim.lookup_from(from, &key, 1).await?;
+        report.solo_lookups += 1;
+        if l.providers.contains(&node.id) {
+            report.solo_hit_found += 1;
+        }
+        hits.extend(l.first.map(ms));
+    }
+    let s1 = sim.host_stats().await?;
+    for k in 0..count {
+        let from = sim.pick(1)[0];
+        // Keys no node advertises (and no other phase looks up).
+        let l = sim
+            .lookup_from(from, &format!("sha256:{:064x}", 0xdead_0000 + k), 3)
+            .await?;
+        report.solo_lookups += 1;
+        report.miss_lookups += 1;
+        if !l.providers.is_empty() {
+            report.miss_false += 1;
+        }
+        misses.push(ms(l.closed));
+    }
+    let s2 = sim.host_stats().await?;
+    let n = count as f64;
+    report.solo_hit_msgs = msgs(&s1).saturating_sub(msgs(&s0)) as f64 / n;
+    report.solo_miss_msgs = msgs(&s2).saturating_sub(msgs(&s1)) as f64 / n;
+    report.solo_hit_p50_ms = stats::percentile(&hits, 50.0);
+    report.solo_hit_p99_ms = stats::percentile(&hits, 99.0);
+    report.solo_miss_p50_ms = stats::percentile(&misses, 50.0);
+    report.solo_miss_p99_ms = stats::percentile(&misses, 99.0);
+    Ok(())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -840,6 +935,22 @@ pub fn table(reports: &[SimReport]) -> String {
         (
             "miss: answer closed p50 / p99 (ms)",
             Box::new(|r| format!("{:.2} / {:.2}", r.miss_p50_ms, r.miss_p99_ms)),
+        ),
+        (
+            "one lookup at a time: hits found",
+            Box::new(|r| format!("{}/{}", r.solo_hit_found, r.solo_lookups / 2)),
+        ),
+        (
+            "one lookup at a time: hit p50 / p99 (ms)",
+            Box::new(|r| format!("{:.2} / {:.2}", r.solo_hit_p50_ms, r.solo_hit_p99_ms)),
+        ),
+        (
+            "one lookup at a time: miss p50 / p99 (ms)",
+            Box::new(|r| format!("{:.2} / {:.2}", r.solo_miss_p50_ms, r.solo_miss_p99_ms)),
+        ),
+        (
+            "one lookup at a time: DHT messages per hit / miss",
+            Box::new(|r| format!("{:.1} / {:.1}", r.solo_hit_msgs, r.solo_miss_msgs)),
         ),
         (
             "misses returning a provider",

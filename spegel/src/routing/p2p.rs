@@ -43,8 +43,8 @@ const MAX_PROVIDE_QUERIES: usize = 64;
 /// completed provide and halves on a timed-out one, so an overloaded cluster is not pushed into
 /// a storm of retries (each timed-out provide used to be retried at the same rate).
 const INITIAL_PROVIDE_WINDOW: usize = 8;
-/// Keys per withdraw or provide notice.
-const WITHDRAW_CHUNK: usize = 1000;
+/// Keys per notice (provide, withdraw): bounds one message on the wire.
+const NOTICE_CHUNK: usize = 1000;
 /// Kademlia's replication factor: a provide query stores the record on this many closest
 /// nodes, so a cluster of at most this many nodes holds every record on every node.
 const REPLICATION: usize = 20;
@@ -544,7 +544,7 @@ impl EventLoop {
                         .filter(|(p, i)| i.sent_sync && self.swarm.is_connected(p))
                         .map(|(p, _)| *p)
                         .collect();
-                    for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
+                    for chunk in record_keys.chunks(NOTICE_CHUNK) {
                         let notice = Notice::Provide {
                             keys: chunk.iter().map(|k| k.to_vec()).collect(),
                             last: false,
@@ -580,7 +580,7 @@ impl EventLoop {
                 }
                 // Peers that stored our records drop them now rather than at expiry.
                 let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-                for chunk in record_keys.chunks(WITHDRAW_CHUNK) {
+                for chunk in record_keys.chunks(NOTICE_CHUNK) {
                     let notice = Notice::Withdraw(chunk.iter().map(|k| k.to_vec()).collect());
                     for peer in &peers {
                         self.swarm
@@ -1008,7 +1008,7 @@ impl EventLoop {
         let chunks: Vec<Vec<Vec<u8>>> = if keys.is_empty() {
             vec![vec![]]
         } else {
-            keys.chunks(WITHDRAW_CHUNK).map(|c| c.to_vec()).collect()
+            keys.chunks(NOTICE_CHUNK).map(|c| c.to_vec()).collect()
         };
         let n = chunks.len();
         self.peers.entry(peer).or_default().sent_sync = true;
