@@ -9,7 +9,7 @@
 use std::{collections::HashMap, net::SocketAddrV4, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use spegel::routing::{Bootstrapper, P2pConfig, P2pRouter, Router};
+use spegel::routing::{Bootstrapper, P2pConfig, P2pRouter, Router, RouterStats};
 use tokio::sync::Semaphore;
 
 use super::{
@@ -54,16 +54,8 @@ pub struct HostStats {
     pub cpu_s: f64,
     /// Live routers.
     pub routers: usize,
-    /// Kademlia requests answered, summed over live routers.
-    pub kad_requests: u64,
-    /// Notices received, summed.
-    pub notices: u64,
-    /// Lookups answered from the local store, summed.
-    pub local_answers: u64,
-    /// Lookups that ran a DHT query, summed.
-    pub dht_queries: u64,
-    /// Advertised keys not yet provided once, summed.
-    pub unprovided: u64,
+    /// The live routers' counters, summed.
+    pub counters: RouterStats,
     /// The routers with unprovided keys: (node number, count).
     pub unprovided_by_node: Vec<(usize, u64)>,
 }
@@ -74,11 +66,7 @@ impl HostStats {
         self.rss_kib += other.rss_kib;
         self.cpu_s += other.cpu_s;
         self.routers += other.routers;
-        self.kad_requests += other.kad_requests;
-        self.notices += other.notices;
-        self.local_answers += other.local_answers;
-        self.dht_queries += other.dht_queries;
-        self.unprovided += other.unprovided;
+        self.counters.add(&other.counters);
         self.unprovided_by_node.extend(other.unprovided_by_node);
     }
 }
@@ -208,11 +196,7 @@ impl LocalRouters {
         };
         for (&node, r) in &self.routers {
             let rs = r.router.stats();
-            s.kad_requests += rs.kad_requests;
-            s.notices += rs.notices;
-            s.local_answers += rs.local_answers;
-            s.dht_queries += rs.dht_queries;
-            s.unprovided += rs.unprovided;
+            s.counters.add(&rs);
             if rs.unprovided > 0 {
                 s.unprovided_by_node.push((node, rs.unprovided));
             }

@@ -534,13 +534,13 @@ impl Sim {
     /// Kademlia requests and notices handled by live nodes, summed.
     pub async fn messages(&self) -> anyhow::Result<u64> {
         let s = self.host.stats().await?;
-        Ok(s.kad_requests + s.notices)
+        Ok(s.counters.messages())
     }
 
     /// Lookups answered locally and by DHT query, summed over live nodes.
     pub async fn answer_counts(&self) -> anyhow::Result<(u64, u64)> {
         let s = self.host.stats().await?;
-        Ok((s.local_answers, s.dht_queries))
+        Ok((s.counters.local_answers, s.counters.dht_queries))
     }
 
     /// Waits (bounded) until every live node is ready.
@@ -560,21 +560,21 @@ impl Sim {
         let mut report_at = start + Duration::from_secs(10);
         loop {
             let s = self.host.stats().await?;
-            if s.unprovided == 0 {
+            if s.counters.unprovided == 0 {
                 return Ok(());
             }
             if Instant::now() >= report_at {
                 eprintln!(
                     "  {:.0} s: keys not yet provided: {}",
                     start.elapsed().as_secs_f64(),
-                    s.unprovided
+                    s.counters.unprovided
                 );
                 report_at += Duration::from_secs(10);
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{} keys not yet provided after {limit:?} (node, keys): {:?}",
-                s.unprovided,
+                s.counters.unprovided,
                 &s.unprovided_by_node[..s.unprovided_by_node.len().min(10)]
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -596,11 +596,10 @@ impl Sim {
                 return Ok((rounds, start.elapsed().as_secs_f64()));
             }
             // Where a slow convergence stands: keys still waiting for their first provide.
-            let unprovided = self
-                .host
-                .stats()
-                .await
-                .map_or_else(|e| format!("unknown ({e:#})"), |s| s.unprovided.to_string());
+            let unprovided = self.host.stats().await.map_or_else(
+                |e| format!("unknown ({e:#})"),
+                |s| s.counters.unprovided.to_string(),
+            );
             eprintln!(
                 "  round {rounds} ({:.0} s): {ok}/{total} found, keys not yet provided: {unprovided}",
                 start.elapsed().as_secs_f64()
@@ -700,7 +699,7 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = sim.host_stats().await?;
     report.rss_per_router_kib = (s.rss_kib - rss0) / config.nodes.max(1) as f64;
-    report.startup_msgs_per_node = (s.kad_requests + s.notices) as f64 / config.nodes as f64;
+    report.startup_msgs_per_node = s.counters.messages() as f64 / config.nodes as f64;
 
     eprintln!("measuring hits and misses");
     let (l0, q0) = sim.answer_counts().await?;
@@ -745,7 +744,7 @@ async fn measure(
         let per = config.nodes as f64 * minutes;
         let s1 = sim.host_stats().await?;
         report.cpu_ms_per_node_min = (s1.cpu_s - s0.cpu_s) * 1000.0 / per;
-        let msgs = |s: &host::HostStats| s.kad_requests + s.notices;
+        let msgs = |s: &host::HostStats| s.counters.messages();
         report.msgs_per_node_min = msgs(&s1).saturating_sub(msgs(&s0)) as f64 / per;
     }
 
@@ -844,7 +843,7 @@ async fn solo_lookups(sim: &Sim, count: usize, report: &mut SimReport) -> anyhow
         return Ok(());
     }
     eprintln!("measuring {count} hits and {count} misses one at a time");
-    let msgs = |s: &host::HostStats| s.kad_requests + s.notices;
+    let msgs = |s: &host::HostStats| s.counters.messages();
     let (mut hits, mut misses) = (vec![], vec![]);
     let s0 = sim.host_stats().await?;
     for k in 0..count {

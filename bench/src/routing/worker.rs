@@ -463,6 +463,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spegel::routing::RouterStats;
 
     fn spec(node: usize, seeds: Vec<String>, keys: Vec<String>) -> StartSpec {
         StartSpec {
@@ -540,11 +541,13 @@ mod tests {
                 rss_kib: 1024.0,
                 cpu_s: 1.5,
                 routers: 2,
-                kad_requests: 7,
-                notices: 1,
-                local_answers: 2,
-                dht_queries: 3,
-                unprovided: 4,
+                counters: RouterStats {
+                    kad_requests: 7,
+                    notices: 1,
+                    local_answers: 2,
+                    dht_queries: 3,
+                    unprovided: 4,
+                },
                 unprovided_by_node: vec![(5, 4)],
             }),
             Reply::Ready { ready: true },

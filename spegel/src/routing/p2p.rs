@@ -132,7 +132,8 @@ struct Shared {
 }
 
 /// Counters of one router's work, for benchmarks and the debug UI.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RouterStats {
     /// Kademlia requests this node answered (each DHT message is answered once).
     pub kad_requests: u64,
@@ -145,6 +146,22 @@ pub struct RouterStats {
     /// Advertised keys whose provide query has not yet completed once (queued, running or
     /// waiting for a retry).
     pub unprovided: u64,
+}
+
+impl RouterStats {
+    /// Adds `other`'s counters to these (sums over routers).
+    pub fn add(&mut self, other: &RouterStats) {
+        self.kad_requests += other.kad_requests;
+        self.notices += other.notices;
+        self.local_answers += other.local_answers;
+        self.dht_queries += other.dht_queries;
+        self.unprovided += other.unprovided;
+    }
+
+    /// DHT messages this router received: Kademlia requests and notices.
+    pub fn messages(&self) -> u64 {
+        self.kad_requests + self.notices
+    }
 }
 
 fn listen_addrs(router_addr: &str) -> Result<Vec<Multiaddr>, RoutingError> {
