@@ -229,6 +229,14 @@ enum Bench {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Off unless asked for: the routers' own warnings (libp2p's dropped streams, timeouts) are
+    // what explains a lookup the report counts as failed.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().bench {
         Bench::Pull {
             output,
