@@ -1,6 +1,6 @@
 //! The telemetry-fed selector: orders providers by the expected cost of this request from
 //! each, estimated from kernel or userspace RTT, measured transfer throughput, load and
-//! recent failures, with a small bounded share of exploration.
+//! recent failures, with a small bounded share of exploration among near providers.
 
 use std::{
     collections::HashMap,
@@ -27,6 +27,12 @@ pub const UNKNOWN_BLOB_BYTES: u64 = 32 << 20;
 const UNTRIED_OPTIMISM: f64 = 1.1;
 /// Default share of orderings that put a non-best provider first, in per mille.
 pub const EXPLORE_PER_MILLE: u32 = 50;
+/// Exploration only tries providers at most this many times the best one's RTT (plus
+/// [`EXPLORE_RTT_SLACK`]): distance is measured passively, so a far provider needs no trial,
+/// and a trial with a large layer on one costs a whole transfer over the long link.
+const EXPLORE_RTT_FACTOR: f64 = 2.0;
+/// Absolute slack on [`EXPLORE_RTT_FACTOR`], so sub-millisecond jitter does not rule peers out.
+const EXPLORE_RTT_SLACK: Duration = Duration::from_millis(1);
 /// A body moves to another provider only if that saves at least this much time.
 const SWITCH_MIN_GAIN: Duration = Duration::from_secs(2);
 /// A measured alternative must be expected this many times faster than the current body.
@@ -104,6 +110,20 @@ struct Candidate {
     same_key: usize,
     cost: f64,
     last_chosen: Option<Instant>,
+    /// RTT from telemetry, seconds.
+    rtt: Option<f64>,
+}
+
+impl Candidate {
+    /// Near enough to `best` to be worth an exploratory fetch; unknown RTTs do not rule out.
+    fn near(&self, best: &Candidate) -> bool {
+        match (self.rtt, best.rtt) {
+            (Some(rtt), Some(best)) => {
+                rtt <= best * EXPLORE_RTT_FACTOR + EXPLORE_RTT_SLACK.as_secs_f64()
+            }
+            _ => true,
+        }
+    }
 }
 
 impl TelemetrySelector {
@@ -186,6 +206,7 @@ impl TelemetrySelector {
             .zip(headers)
             .map(|(p, header)| {
                 let stats = state.peers.get(&p.id);
+                let rtt = self.kernel_rtt(p);
                 let header = header.unwrap_or(header_prior);
                 let rate = stats.and_then(|s| s.throughput).or(rate_prior);
                 let transfer = match rate {
@@ -203,6 +224,7 @@ impl TelemetrySelector {
                         .unwrap_or(0),
                     cost: (header + transfer) * load + failures,
                     last_chosen: stats.and_then(|s| s.last_chosen),
+                    rtt,
                 }
             })
             .collect()
@@ -291,14 +313,15 @@ impl PeerSelector for TelemetrySelector {
         });
         let roll = state.rng.next() % 1000;
         if roll < u64::from(self.explore_per_mille) {
-            // Explore among the equally spread: the one not chosen for the longest, so every
-            // provider is retried in turn and none is starved forever.
+            // Explore among the equally spread and near: the one not chosen for the longest,
+            // so every such provider is retried in turn and none is starved forever.
             let spread = keyed[0].0.same_key;
+            let best = &keyed[0].0;
             if let Some(pick) = keyed
                 .iter()
                 .enumerate()
                 .skip(1)
-                .filter(|(_, (c, _))| c.same_key == spread)
+                .filter(|(_, (c, _))| c.same_key == spread && c.near(best))
                 .min_by_key(|(_, (c, _))| c.last_chosen)
                 .map(|(i, _)| i)
             {
@@ -550,7 +573,7 @@ mod tests {
     fn exploration_is_bounded_and_reaches_every_peer() {
         let peers = [peer(1), peer(2), peer(3), peer(4)];
         let s = TelemetrySelector::with_seed(
-            rtts(&[(1, 100), (2, 10_000), (3, 20_000), (4, 30_000)]),
+            rtts(&[(1, 100), (2, 200), (3, 300), (4, 900)]),
             42,
             EXPLORE_PER_MILLE,
         );
@@ -576,6 +599,37 @@ mod tests {
         for i in 0..500 {
             assert_eq!(first(&never, &format!("k{i}"), Some(0), &peers[..2]), "p1");
         }
+    }
+
+    #[test]
+    fn far_providers_are_never_explored() {
+        // Every ordering explores, but only node 2 is near node 1: node 3 (20 ms) never
+        // comes first, where one exploratory layer fetch would cross its long link.
+        let peers = [peer(1), peer(2), peer(3)];
+        let s = TelemetrySelector::with_seed(rtts(&[(1, 100), (2, 150), (3, 20_000)]), 7, 1000);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for i in 0..200 {
+            let key = format!("k{i}");
+            let c = first(&s, &key, Some(64 << 20), &peers);
+            let p = peers.iter().find(|p| p.id == c).unwrap().clone();
+            s.begin(&key, &p);
+            s.finish(&key, &p);
+            *counts.entry(c).or_default() += 1;
+        }
+        assert_eq!(counts.get("p3"), None, "{counts:?}");
+        assert_eq!(counts.get("p2"), Some(&200), "{counts:?}");
+        // Without telemetry nothing is known to be far: exploration reaches everyone.
+        let blind = TelemetrySelector::with_seed(None, 7, 1000);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20 {
+            let key = format!("k{i}");
+            let c = first(&blind, &key, Some(64 << 20), &peers);
+            let p = peers.iter().find(|p| p.id == c).unwrap().clone();
+            blind.begin(&key, &p);
+            blind.finish(&key, &p);
+            seen.insert(c);
+        }
+        assert!(seen.contains("p3"), "{seen:?}");
     }
 
     #[test]
