@@ -181,10 +181,12 @@ impl TelemetrySelector {
         let bytes = bytes.unwrap_or(UNKNOWN_BLOB_BYTES) as f64;
         // Time to response headers: a connect and a request round trip, or what earlier
         // fetches took if that was longer (a busy peer answers late on a short link).
+        let rtts: Vec<Option<f64>> = peers.iter().map(|p| self.kernel_rtt(p)).collect();
         let headers: Vec<Option<f64>> = peers
             .iter()
-            .map(|p| {
-                let kernel = self.kernel_rtt(p).map(|rtt| 2.0 * rtt);
+            .zip(&rtts)
+            .map(|(p, rtt)| {
+                let kernel = rtt.map(|rtt| 2.0 * rtt);
                 let measured = state.peers.get(&p.id).and_then(|s| s.header_s);
                 match (kernel, measured) {
                     (Some(k), Some(m)) => Some(k.max(m)),
@@ -204,9 +206,9 @@ impl TelemetrySelector {
         peers
             .iter()
             .zip(headers)
-            .map(|(p, header)| {
+            .zip(rtts)
+            .map(|((p, header), rtt)| {
                 let stats = state.peers.get(&p.id);
-                let rtt = self.kernel_rtt(p);
                 let header = header.unwrap_or(header_prior);
                 let rate = stats.and_then(|s| s.throughput).or(rate_prior);
                 let transfer = match rate {
@@ -468,6 +470,15 @@ mod tests {
         p[0].id.clone()
     }
 
+    /// The first choice for `key`, begun and finished at once (no transfer observed).
+    fn choose(s: &TelemetrySelector, key: &str, bytes: Option<u64>, peers: &[Peer]) -> String {
+        let c = first(s, key, bytes, peers);
+        let p = peers.iter().find(|p| p.id == c).unwrap().clone();
+        s.begin(key, &p);
+        s.finish(key, &p);
+        c
+    }
+
     /// A whole fetch: chosen, headers at once, `bytes` at `rate` bytes/s.
     fn fetch(s: &TelemetrySelector, key: &str, p: &Peer, bytes: u64, rate: f64) {
         s.begin(key, p);
@@ -581,10 +592,7 @@ mod tests {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..rounds {
             let key = format!("k{i}");
-            let c = first(&s, &key, Some(0), &peers);
-            let p = peers.iter().find(|p| p.id == c).unwrap().clone();
-            s.begin(&key, &p);
-            s.finish(&key, &p);
+            let c = choose(&s, &key, Some(0), &peers);
             *counts.entry(c).or_default() += 1;
         }
         let explored = rounds - counts["p1"];
@@ -610,10 +618,7 @@ mod tests {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..200 {
             let key = format!("k{i}");
-            let c = first(&s, &key, Some(64 << 20), &peers);
-            let p = peers.iter().find(|p| p.id == c).unwrap().clone();
-            s.begin(&key, &p);
-            s.finish(&key, &p);
+            let c = choose(&s, &key, Some(64 << 20), &peers);
             *counts.entry(c).or_default() += 1;
         }
         assert_eq!(counts.get("p3"), None, "{counts:?}");
@@ -622,12 +627,7 @@ mod tests {
         let blind = TelemetrySelector::with_seed(None, 7, 1000);
         let mut seen = std::collections::HashSet::new();
         for i in 0..20 {
-            let key = format!("k{i}");
-            let c = first(&blind, &key, Some(64 << 20), &peers);
-            let p = peers.iter().find(|p| p.id == c).unwrap().clone();
-            blind.begin(&key, &p);
-            blind.finish(&key, &p);
-            seen.insert(c);
+            seen.insert(choose(&blind, &format!("k{i}"), Some(64 << 20), &peers));
         }
         assert!(seen.contains("p3"), "{seen:?}");
     }
